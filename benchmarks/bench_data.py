@@ -3,6 +3,7 @@
     cd /work/main && .venv/bin/python benchmarks/bench_data.py              # CPU: all cases (~5 min, 2 cores)
     .venv/bin/python benchmarks/bench_data.py --quick --csv /tmp/x.csv      # smoke test
     .venv/bin/python benchmarks/bench_data.py --device cuda                 # on a GPU: adds DALI mixed (nvJPEG)
+    .venv/bin/python benchmarks/bench_data.py --profile                     # where a worker's time goes
 
 JPEG case: a generated folder (default /tmp/fastcbd_bench_jpegs, never in the repository) of --images
 JPEGs of about 400x350, every variant doing the same training transform (random-resized crop to 224 +
@@ -211,6 +212,51 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def profile(files: ImageFiles, n: int = 300) -> None:
+    """ms per image of each part of a worker's job (one thread, the first n files), PIL beside it, and
+    the main process's batch normalisation (64 images of 3 x 224 x 224)."""
+    import io
+    import time
+
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+
+    from fastcbd.data.augment import normalize_
+    from fastcbd.data.decode import decode_rgb, read_bytes
+
+    paths = files.paths[:n]
+    raw = [read_bytes(p) for p in paths]
+    imgs = [decode_rgb(d, p) for d, p in zip(raw, paths)]
+    pils = [Image.open(io.BytesIO(d)).convert("RGB") for d in raw]
+    boxes = [RandomResizedCrop.get_params(im, [0.08, 1.0], [3 / 4, 4 / 3]) for im in imgs]
+
+    def pil_crop(i):
+        top, left, h, w = boxes[i]
+        return pils[i].resize((224, 224), Image.BILINEAR, box=(left, top, left + w, top + h))
+
+    parts = [("read bytes", lambda i: read_bytes(paths[i])),
+             ("decode_jpeg (fastcbd)", lambda i: decode_rgb(raw[i], paths[i])),
+             ("PIL decode + convert", lambda i: Image.open(io.BytesIO(raw[i])).convert("RGB").load()),
+             ("uint8 resized_crop 224 (fastcbd)", lambda i: TF.resized_crop(imgs[i], *boxes[i], [224, 224], antialias=True)),
+             ("PIL resize(box) 224", pil_crop)]
+    print("per image, 1 thread:")
+    for name, fn in parts:
+        t0 = time.perf_counter()
+        for i in range(len(paths)):
+            fn(i)
+        print(f"  {name:34s} {(time.perf_counter() - t0) / len(paths) * 1e3:6.3f} ms")
+    x = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN) * 255, torch.tensor(IMAGENET_STD) * 255
+    ways = [("(x.float() - mean) / std", lambda: (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)),
+            ("x.float() only", lambda: x.float()),
+            ("normalize_(x.float()) (fastcbd)", lambda: normalize_(x.float(), mean, std))]
+    print("main process, one batch of 64:")
+    for name, fn in ways:
+        m = measure(fn, warmup=2, repeats=10, memory=False)
+        print(f"  {name:34s} {m['median_ms']:6.1f} ms")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
@@ -225,12 +271,15 @@ def main(argv=None) -> None:
     p.add_argument("--only", choices=["jpeg", "arrays"])
     p.add_argument("--quick", action="store_true", help="200 images, 1 repeat, workers 2: a smoke test")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "data.csv"))
+    p.add_argument("--profile", action="store_true", help="where a worker's and the main process's time goes, then stop")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.repeats, args.workers = 200, 1, [2]
     torch.set_num_threads(args.torch_threads)
     info = machine_info()
     print(f"machine: {info}", flush=True)
+    if args.profile:
+        return profile(make_jpegs(args.folder, args.images))
     rows = []
     if args.only in (None, "jpeg"):
         print(f"JPEG folder {args.folder}: {args.images} images", flush=True)

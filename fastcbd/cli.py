@@ -95,6 +95,9 @@ def _teacher_paths(items) -> list[str]:
     return paths
 
 
+DECOUPLED = ("crt", "lws", "tau_norm", "logit_adj_posthoc")
+
+
 def cmd_train_student(args) -> None:
     from fastcbd.train.checkpoint import file_hash, load_model, save_model
     from fastcbd.train.config import save_config
@@ -120,10 +123,18 @@ def cmd_train_student(args) -> None:
         from fastcbd.train.baselines import run_baseline
 
         model, arch = run_baseline(ctx, args.method, None, seed), ctx.arch("teacher")
-    elif args.method == "crt":
+    elif args.method in DECOUPLED:
         if len(teachers) != 1:
-            raise SystemExit(f"--method crt re-trains the classifier of one teacher; got {len(teachers)} --teachers")
-        model, arch = train_crt(ctx, teachers[0], seed), ctx.arch("teacher")
+            raise SystemExit(f"--method {args.method} re-balances the classifier of one instance-sampled teacher; "
+                             f"got {len(teachers)} --teachers")
+        if args.method == "crt":
+            model = train_crt(ctx, teachers[0], seed)
+        else:
+            from fastcbd.train.baselines import run_baseline
+
+            model = run_baseline(ctx, args.method, teachers[0], seed)
+        head = {} if args.method == "crt" else {"head": args.method, "tau": cfg.baselines.logit_tau}
+        arch = ctx.arch("teacher", **head)
     else:
         if not teachers:
             raise SystemExit("--method cbd needs --teachers (model.pt files or folders of them)")
@@ -263,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--teachers", nargs="+", help="teacher model.pt files or folders of them")
     p.add_argument("--method", default="cbd",
-                   choices=["cbd", "ce_balanced", "crt", "balanced_softmax", "logit_adj_loss", "cb_ce"])
+                   choices=["cbd", "ce_balanced", *DECOUPLED, "balanced_softmax", "logit_adj_loss", "cb_ce"],
+                   help="cbd (default); the decoupled baselines (crt, lws, tau_norm, logit_adj_posthoc) take one "
+                   "--teachers; the others train from scratch")
     p.add_argument("--resume", action="store_true", help="require checkpoints in --out to continue from "
                    "(without it a run still continues from them when there are some)")
     p.set_defaults(func=cmd_train_student)

@@ -85,3 +85,28 @@ def test_summarize_averages_seeds(tmp_path):
     s = json.loads((tmp_path / "sum" / "summary.json").read_text())["methods"]["cbd"]
     assert s["all"] == 85.0 and s["all_std"] == 5.0 and s["medium"] == 80.0 and s["many_std"] == 0.0
     assert "| cbd | 85.00 ± 5.00 |" in (tmp_path / "sum" / "summary.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def one_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoupled")
+    data = _npz(root)
+    common = ["--data", data, *QUICK, "teacher.kinds=[vanilla]", "data.batch_size=16"]
+    fastcbd("train-teachers", "--out", str(root / "t"), *common)
+    return root, common
+
+
+@pytest.mark.parametrize("method", ["lws", "tau_norm", "logit_adj_posthoc"])
+def test_decoupled_baselines_from_the_command_line(one_teacher, method):
+    """train-student --method on one teacher writes a model file that `evaluate` rebuilds to the same
+    accuracy (the wrapper around the teacher is recorded in arch.head)."""
+    root, common = one_teacher
+    teacher, out = str(root / "t" / "teacher_vanilla_1" / "model.pt"), root / method
+    fastcbd("train-student", "--method", method, "--teachers", teacher, "--out", str(out), *common)
+    trained = json.loads((out / "results.json").read_text())["methods"][method]
+    fastcbd("evaluate", "--models", str(out / "model.pt"), "--out", str(root / f"e_{method}"), *common)
+    again = json.loads((root / f"e_{method}" / "results.json").read_text())["methods"][method]
+    assert again["per_class"] == trained["per_class"]
+    proc = fastcbd("train-student", "--method", method, "--teachers", teacher, teacher, "--out", str(root / "x"),
+                   *common, ok=False)
+    assert proc.returncode != 0 and f"--method {method} re-balances the classifier of one" in proc.stderr

@@ -29,6 +29,21 @@ def save_model(path: str, model: torch.nn.Module, arch: dict, meta: dict | None 
     atomic_save({"format": FORMAT, "arch": dict(arch), "state_dict": state, "meta": dict(meta or {})}, path)
 
 
+def wrap_head(teacher: torch.nn.Module, arch: dict) -> torch.nn.Module:
+    """The decoupled baselines' models around a teacher: arch["head"] is lws, tau_norm or
+    logit_adj_posthoc (the weights, scales and log-prior then come from the state dict)."""
+    from fastcbd.train import baselines
+
+    c = arch["num_classes"]
+    if arch["head"] == "lws":
+        return baselines.LWS(teacher, c)
+    if arch["head"] == "tau_norm":
+        return baselines.LinearHead(teacher.backbone, c)
+    if arch["head"] == "logit_adj_posthoc":
+        return baselines.PostHocAdjusted(teacher, [1] * c, arch.get("tau", 1.0))
+    raise ValueError(f"arch.head {arch['head']!r}: expected lws, tau_norm or logit_adj_posthoc")
+
+
 def load_model(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, the file's dict without the weights)."""
     if not os.path.exists(path):
@@ -45,6 +60,8 @@ def load_model(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
                         arch.get("width", 0))
     else:
         model = Teacher(arch["backbone"], arch["num_classes"], arch["in_channels"], arch["sigma"], arch.get("width", 0))
+        if arch.get("head"):
+            model = wrap_head(model, arch)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:

@@ -68,6 +68,7 @@ class TeacherConfig:
 class StudentConfig:
     alpha: float = 0.4
     beta: float = 100.0
+    sampler: str = "balanced"  # balanced (CBD) | sqrt | progressive (instance -> balanced over the epochs) | instance
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -95,6 +96,8 @@ class Config:
     log_every: int = 20  # steps between per-step records (metrics.jsonl, TensorBoard); 0 = per epoch only
     compile: str = ""  # torch.compile backend of the training step and the teachers ("inductor", ...); "" = eager
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    sync_bn: bool = True  # under torchrun on GPUs: SyncBatchNorm (statistics of the global batch). PyTorch's
+    # SyncBatchNorm runs on CUDA only, so on CPU (gloo) each rank normalises its own share of the batch
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -178,7 +181,22 @@ def load_config(path: str | None = None, overrides=None, base: Config | None = N
         except ValueError as exc:
             raise ValueError(f"--config {path}: {exc}") from exc
     merge(cfg, parse_overrides(overrides))
+    check_choices(cfg)
     return cfg
+
+
+CHOICES = {("amp",): ("none", "bf16", "fp16"), ("data", "loader"): ("auto", "dali", "device", "torch"),
+           ("student", "sampler"): ("balanced", "sqrt", "progressive", "instance")}
+
+
+def check_choices(cfg) -> None:
+    """A config key with a fixed set of values names the key and the values when it has another one."""
+    for path, allowed in CHOICES.items():
+        node = cfg
+        for part in path:
+            node = getattr(node, part, None)
+        if node is not None and node not in allowed:
+            raise ValueError(f"config key '{'.'.join(path)}': {node!r} is not one of {', '.join(allowed)}")
 
 
 def to_dict(cfg) -> dict:

@@ -60,10 +60,54 @@ def all_reduce_sum(values: dict, device: torch.device) -> dict:
     return {k: flat[i] for i, k in enumerate(keys)}
 
 
+_control = None
+
+
+def _control_group():
+    """A gloo group for the loop's small CPU decisions (stop flags), so that agreeing on them never
+    synchronises a GPU stream; the default group where that is gloo already."""
+    global _control
+    if _control is None:
+        _control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _control
+
+
+def agree_max(value: int) -> int:
+    """The largest of every rank's `value` (all ranks must call it at the same point)."""
+    if world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group())
+    return int(t)
+
+
+def gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (picklable objects; all ranks must call it)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_control_group())
+    return out
+
+
 def broadcast_buffers(model: nn.Module) -> None:
     """Every rank takes rank 0's buffers (batch-norm running statistics)."""
     for buf in model.buffers():
         dist.broadcast(buf, 0)
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device) -> bool:
+    """Turn the batch norms of `model` into SyncBatchNorm in place (same parameters and buffers) when
+    training with several ranks on GPUs; False where it does not apply (one rank, or CPU, where
+    PyTorch's SyncBatchNorm cannot run)."""
+    if world_size() == 1 or device.type != "cuda":
+        return False
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        else:
+            sync_batch_norm(child, device)
+    return True
 
 
 class StepModule(nn.Module):

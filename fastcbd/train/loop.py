@@ -125,7 +125,7 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
         desc: str = "train", log_path: str | None = None, show_progress: bool = True,
         train_modules=None, ckpt: CheckpointManager | None = None, resume: bool = False,
         meta: dict | None = None, config: dict | None = None, compile: str = "", log_every: int = 0,
-        tb_dir: str | None = None) -> list[dict]:
+        tb_dir: str | None = None, sync_bn: bool = True) -> list[dict]:
     """Train for cfg.epochs epochs of `loader`; returns the per-epoch logs (also appended to log_path).
 
     train_modules: the modules put in train mode each epoch (default: the whole model); frozen parts
@@ -133,6 +133,7 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
     make one optimizer step; each micro-batch loss is divided by the number of micro-batches of its step.
     cfg.ema > 0: an EMA of the weights (and buffers) is kept, checkpointed, and copied into `model` at the end.
     compile: a torch.compile backend for the step (compiled before the DDP wrap); "" = eager.
+    sync_bn: under torchrun on GPUs, SyncBatchNorm in `model` (fastcbd.train.distributed.sync_batch_norm).
     log_every > 0: a {"kind": "step", ...} record (loss, lr) every log_every steps in log_path;
     tb_dir: TensorBoard scalars (per logged step and per epoch) there. Rank 0 only.
     """
@@ -144,6 +145,8 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
     total_steps = cfg.epochs * steps_per_epoch
     world, main = D.world_size(), D.is_main()
     opt, sched = make_optimizer(params, cfg, loader.batch_size * accum * world, total_steps)
+    if sync_bn:
+        D.sync_batch_norm(model, device)
     if compile:
         step_fn = torch.compile(D.StepModule(model, step_fn), backend=compile)
     run_step, ddp = D.wrap(model, step_fn, device)  # DDP over the step when launched by torchrun
@@ -182,21 +185,26 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
                 scaler.load_state_dict(blob["scaler"])
             if ema is not None:
                 ema.load_state_dict(blob["ema"])
-            sampler.load_state_dict(blob["sampler"])
+            sampler.load_state_dict(blob["sampler"])  # refuses a different world size
+            mine_state = blob["ranks"][D.rank()] if blob.get("ranks") else blob
             step, micro, history = blob["step"], blob["micro"], list(blob["history"])
             sums = {k: v.to(device) for k, v in blob["sums"].items()}
             n_images, epoch_seconds = blob["images"], blob["epoch_seconds"]
             start_epoch = blob["epoch"] + (1 if blob["epoch_done"] else 0)
             if not blob["epoch_done"] and hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(blob["loader"])
-            set_rng_state(blob["rng"])
+                loader.load_state_dict(mine_state["loader"])
+            set_rng_state(mine_state["rng"])
             last_good = path
             log.info("%s: resumed from %s (step %d of %d)", desc, path, step, total_steps)
 
     def save(epoch: int, epoch_done: bool) -> str | None:
-        if ckpt is None or not main:
+        if ckpt is None:
             return None
-        state = {"desc": desc, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        # every rank's own RNG and loader-generator states (collective: all ranks save at the same step)
+        ranks = D.gather_objects({"rng": rng_state(), "loader": _loader_state(loader)}) if world > 1 else None
+        if not main:
+            return None
+        state = {"desc": desc, "ranks": ranks, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
                  "ema": ema.state_dict() if ema is not None else {},
                  "sampler": sampler.state_dict(), "loader": _loader_state(loader), "rng": rng_state(),
@@ -209,9 +217,17 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
 
     def check_finite(epoch: int) -> None:
         bad = int(first_bad)
+        if world > 1:  # all ranks stop together (-1 = finite everywhere)
+            bad = D.agree_max(bad)
         if bad >= 0:
             raise NonFiniteLoss(f"{desc}: the loss is NaN or inf at step {bad} (epoch {epoch}); stopped. "
                                 f"Last good checkpoint: {last_good or 'none'}")
+
+    def stop_requested() -> int:
+        """The signal to stop on (0: none). Under torchrun the ranks agree after every step, so that
+        they all stop, and save, after the same one."""
+        mine = caught[0] if caught else 0
+        return D.agree_max(mine) if world > 1 and ckpt is not None else mine
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True)
     with _catch_signals(ckpt is not None) as caught:
@@ -266,13 +282,14 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
                 if delay:
                     time.sleep(delay)
                 end_of_epoch = micro >= micro_per_epoch
-                if not end_of_epoch and ((ckpt is not None and ckpt.every and step % ckpt.every == 0) or caught):
+                stop = stop_requested()
+                if not end_of_epoch and ((ckpt is not None and ckpt.every and step % ckpt.every == 0) or stop):
                     check_finite(epoch)
                     epoch_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     last_good = save(epoch, False)
-                    if caught:
-                        raise TrainingInterrupted(caught[0], step, last_good)
+                    if stop:
+                        raise TrainingInterrupted(stop, step, last_good)
             epoch_seconds += time.perf_counter() - t0
             totals = D.all_reduce_sum({"images": n_images, **sums}, device)  # every rank's images
             images = int(totals.pop("images"))
@@ -290,10 +307,11 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
                 tb.flush()
             micro = 0
             last_epoch = epoch == cfg.epochs - 1
-            if ckpt is not None and ((ckpt.every and step % ckpt.every == 0) or last_epoch or caught):
+            stop = stop_requested()
+            if ckpt is not None and ((ckpt.every and step % ckpt.every == 0) or last_epoch or stop):
                 last_good = save(epoch, True)
-            if caught and not last_epoch:
-                raise TrainingInterrupted(caught[0], step, last_good)
+            if stop and not last_epoch:
+                raise TrainingInterrupted(stop, step, last_good)
     bar.close()
     if tb is not None:
         tb.close()

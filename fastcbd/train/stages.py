@@ -78,15 +78,17 @@ class Context:
                             device=self.device, channels_last=self.cfg.channels_last, loader=d.loader,
                             workers=d.workers, skip_bad=d.skip_bad, **kw)
 
-    def train_loader(self, sampler: str, kind: str, seed: int):
-        """(loader, sampler): the configured loader (data.loader) over `sampler` with `kind` augmentation."""
+    def train_loader(self, sampler: str, kind: str, seed: int, epochs: int | None = None):
+        """(loader, sampler): the configured loader (data.loader) over `sampler` with `kind` augmentation
+        (epochs: the length of the schedule a progressive sampler moves along)."""
         s, bs, world = self.splits, self.cfg.data.batch_size, D.world_size()
         if bs % world:
             raise ValueError(f"data.batch_size={bs} (the global batch) is not divisible by the {world} processes")
         bs //= world  # each rank: a disjoint share of the sampler's sequence, batch / world images per step
         smp = build_sampler(sampler, s.y_train, seed=seed, num_classes=s.num_classes, allow_empty=self.cfg.data.skip_bad,
-                            rank=D.rank(), world_size=world)
-        loader = self._loader(True, bs, sampler=smp, aug=augment_config(self.cfg, kind), seed=seed,
+                            rank=D.rank(), world_size=world, epochs=epochs)
+        # each rank its own augmentation draws (rank 0 keeps the single-process seed)
+        loader = self._loader(True, bs, sampler=smp, aug=augment_config(self.cfg, kind), seed=seed + 7919 * D.rank(),
                               drop_last=len(smp) > bs)
         return loader, smp
 
@@ -114,7 +116,7 @@ class Context:
         return fit(model, step_fn, loader, sampler, optim, amp=self.cfg.amp, desc=desc, log_path=self.log_path,
                    show_progress=self.progress, ckpt=self.checkpoints(desc), resume=self.resume,
                    config=to_dict(self.cfg), compile=self.cfg.compile, log_every=self.cfg.log_every,
-                   tb_dir=self.tb_dir.format(stage=desc) if self.tb_dir else None, **kw)
+                   tb_dir=self.tb_dir.format(stage=desc) if self.tb_dir else None, sync_bn=self.cfg.sync_bn, **kw)
 
 
 def _ce_step(model, loss_fn=None):
@@ -169,7 +171,7 @@ def freeze(teachers) -> list[torch.nn.Module]:
 
 
 def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_ids: list | None = None) -> Student:
-    """CBD: a fresh student, class-balanced sampling, cbd_loss against the teachers' features.
+    """CBD: a fresh student, class-balanced sampling (student.sampler), cbd_loss against the teachers' features.
 
     teacher_ids: the teachers' identities ({'path', 'sha256'}), kept in the checkpoints; a resume with
     other teachers is refused."""
@@ -178,7 +180,7 @@ def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_
     m, sc = ctx.cfg.model, ctx.cfg.student
     proj_dim = sum(t.out_features for t in teachers)
     student = ctx.place(Student(m.backbone, ctx.splits.num_classes, proj_dim, ctx.in_channels, m.sigma, m.width))
-    loader, smp = ctx.train_loader("balanced", "vanilla", seed)
+    loader, smp = ctx.train_loader(sc.sampler, "vanilla", seed, epochs=sc.optim.epochs)
 
     run_teachers = ensemble(teachers, ctx.cfg.teacher.batched)  # inference_mode, eval mode
 

@@ -118,3 +118,28 @@ def test_png_and_gray_decode(tmp_path):
     x = decode_rgb(open(tmp_path / "g.png", "rb").read(), "g.png")
     assert x.shape == (3, 5, 7) and x.dtype == torch.uint8 and (x == 77).all()
 
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_normalize_in_place_matches_the_formula(layout):
+    from fastcbd.data.augment import normalize_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 5, 7), generator=g).double()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randint(0, 256, (3, 3, 5, 14), generator=g).double()[..., ::2]
+    mean, std = torch.tensor([120.0, 30.5, 200.0], dtype=torch.float64), torch.tensor([50.0, 7.0, 0.5], dtype=torch.float64)
+    expected = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    out = normalize_(x, mean, std)
+    assert out is x and out.stride() == x.stride()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_batches_hold_the_same_images(tmp_path):
+    s = small_splits(tmp_path)
+    plain = next(iter(loader_for(s, train=False, batch_size=5)))[0]
+    cl = next(iter(loader_for(s, train=False, batch_size=5, channels_last=True)))[0]
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, cl)

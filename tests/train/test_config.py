@@ -21,6 +21,8 @@ def test_precedence(tmp_path):
     (["aug.flip=maybe"], r"config key 'aug.flip': expected a boolean"),
     (["teacher=3"], r"config key 'teacher' is a section"),
     (["seed"], r"must look like key.sub=value"),
+    (["student.sampler=uniform"], r"config key 'student.sampler': 'uniform' is not one of balanced, sqrt"),
+    (["amp=fp8"], r"config key 'amp': 'fp8' is not one of none, bf16, fp16"),
 ])
 def test_bad_overrides(override, match):
     with pytest.raises(ValueError, match=match):

@@ -2,9 +2,12 @@
 tolerance) to one process with the same global batch; metrics are all-reduced, rank 0 logs and saves."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import ddp_script
 import pytest
@@ -15,14 +18,23 @@ from fastcbd.train.config import load_config
 from fastcbd.train.stages import Context, train_crt
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
-                    reason="torch.distributed / torchrun not available")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(
+    not torch.distributed.is_available() or not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
+    reason="torch.distributed / torchrun not available")
+
+
+def _torchrun(*args, delay=0.0):
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTCBD_STEP_DELAY=str(delay))
+    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", ddp_script.__file__, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@needs_torchrun
 def test_torchrun_two_ranks_match_one_process(tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ddp_script.__file__, str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = _torchrun(tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for part in ("teacher", "crt"):
         for name, v in r0[part].items():
@@ -42,3 +54,55 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     single = train_crt(ctx, ctx.place(teacher).eval(), 2).state_dict()
     w1, w2 = single["classifier.weight"], r0["crt"]["classifier.weight"]
     assert torch.allclose(w1, w2, rtol=1e-4, atol=1e-6), f"max |diff| {(w1 - w2).abs().max():.3g}"
+
+
+@needs_torchrun
+def test_torchrun_sigterm_then_resume_is_bit_exact(tmp_path):
+    """Both ranks stop after the same step on SIGTERM, rank 0 saves every rank's RNG and loader state,
+    and the resumed two-rank run ends with the parameters of an unbroken one, bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    straight = _torchrun(a, "resume")
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-4000:]
+
+    run = _torchrun(b, "resume", delay=0.3)  # 12 steps of 0.3 s; SIGTERM once step 4 is saved
+    t0, first = time.time(), b / "ck" / "teacher" / "step_00000004.pt"
+    while not first.exists():
+        assert run.poll() is None, run.communicate()[1][-4000:]
+        assert time.time() - t0 < 120, "no checkpoint at step 4 within 120 s"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0, err[-4000:]
+    stops = re.findall(r"rank (\d): SIGTERM received: stopped after step (\d+)", err)
+    assert sorted(r for r, _ in stops) == ["0", "1"], err[-4000:]
+    step = {s for _, s in stops}
+    assert len(step) == 1 and int(step.pop()) < 12, stops
+    assert not (b / "rank0.pt").exists()
+
+    resumed = _torchrun(b, "resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in err, err[-4000:]
+    ra, rb0, rb1 = (torch.load(p, weights_only=True)["teacher"] for p in (a / "rank0.pt", b / "rank0.pt", b / "rank1.pt"))
+    for name, v in ra.items():
+        assert torch.equal(v, rb0[name]), f"{name}: the resumed run differs from the unbroken one"
+        assert torch.equal(rb0[name], rb1[name]), f"{name} differs between the ranks"
+
+
+
+def test_sync_batch_norm_only_with_several_gpu_ranks(monkeypatch):
+    """The conversion keeps the very parameter and buffer objects (the optimizer's and the step's
+    references stay valid); it is skipped for one rank and on CPU, where SyncBatchNorm cannot run."""
+    from fastcbd.models import Teacher
+    from fastcbd.train import distributed as D
+
+    model = Teacher("small_cnn", 3, 1, 20.0, 4)
+    params = {n: p for n, p in model.named_parameters()}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not D.sync_batch_norm(model, torch.device("cuda"))  # one rank
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    assert not D.sync_batch_norm(model, torch.device("cpu"))
+    assert D.sync_batch_norm(model, torch.device("cuda"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == len(bns)
+    assert all(p is params[n] for n, p in model.named_parameters())

@@ -1,9 +1,11 @@
 """The training stages on a tiny synthetic long-tailed set: frozen, eval-mode teachers; cRT freezes
 the backbone; the student learns."""
 import numpy as np
+import pytest
 import torch
 
 from fastcbd.data.arrays import ArraySplits
+from fastcbd.models import Teacher
 from fastcbd.train.config import load_config
 from fastcbd.train.stages import Context, train_crt, train_student, train_teacher
 
@@ -95,3 +97,23 @@ def test_student_same_with_cpu_kernels_and_torch(tmp_path, monkeypatch):
     for e, (a, b) in enumerate(zip(loss_cpu, loss_torch)):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), f"epoch {e}: loss {a} (cpu) vs {b} (torch)"
     assert abs(acc_cpu["all"] - acc_torch["all"]) <= 5.0, f"accuracy cpu {acc_cpu['all']} vs torch {acc_torch['all']}"
+
+
+@pytest.mark.parametrize("name,cls", [("balanced", "ClassBalancedSampler"), ("progressive", "ProgressiveSampler"),
+                                      ("sqrt", "SqrtSampler")])
+def test_student_sampler_is_configurable(tmp_path, name, cls):
+    ctx = tiny_ctx(tmp_path, **{"student.sampler": name, "student.optim.epochs": 2})
+    made = []
+    build = ctx.train_loader
+
+    def spy(*args, **kw):
+        loader, smp = build(*args, **kw)
+        made.append(smp)
+        return loader, smp
+
+    ctx.train_loader = spy
+    teacher = Teacher("small_cnn", 3, 1, 20.0, 8)
+    train_student(ctx, [teacher], 2)
+    assert [type(s).__name__ for s in made] == [cls]
+    if name == "progressive":
+        assert made[0].epochs == 2 and made[0].epoch == 1  # moves from instance towards balanced over the run
