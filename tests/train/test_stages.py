@@ -117,3 +117,14 @@ def test_student_sampler_is_configurable(tmp_path, name, cls):
     assert [type(s).__name__ for s in made] == [cls]
     if name == "progressive":
         assert made[0].epochs == 2 and made[0].epoch == 1  # moves from instance towards balanced over the run
+
+
+def test_student_step_compiled_by_inductor_matches_eager(tmp_path):
+    """compile=inductor (C++ code generated and built on this CPU) trains the CBD student, fused loss
+    included, to the eager weights within float noise."""
+    over = {"student.optim.epochs": 1, "amp": "none", "channels_last": "false"}
+    teacher = Teacher("small_cnn", 3, 1, 20.0, 8)
+    eager = train_student(tiny_ctx(tmp_path, **over), [teacher], 2).state_dict()
+    compiled = train_student(tiny_ctx(tmp_path, **over, compile="inductor"), [teacher], 2).state_dict()
+    for name, v in eager.items():
+        torch.testing.assert_close(compiled[name], v, rtol=1e-3, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
