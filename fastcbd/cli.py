@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grouping", default="frequency", choices=["frequency", "shots", "kmeans"])
     p.add_argument("--group-ipc", type=int, default=0, help="group-level images per group (default IPC x classes)")
     p.add_argument("--seeds", type=int, default=1, help="distillation seeds (default 1)")
-    p.add_argument("--evals", type=int, help="evaluation models per synthetic set (preset: paper 5, cpu 3)")
+    p.add_argument("--evals", type=int, help="evaluation models per synthetic set (preset: paper 5, cpu 2)")
     p.add_argument("--eval-steps", type=int, help="SGD steps of each evaluation model")
     p.add_argument("--iterations", type=int, help="distillation iterations (DM), networks (DSA) or MTT iterations")
     p.add_argument("--width", type=int, help="ConvNet-3 width (preset: paper 128, cpu 32)")

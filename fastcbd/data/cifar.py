@@ -66,6 +66,20 @@ def read_batches(folder: str, names: list[str], label_key: str, num_classes: int
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
+def _long_tail(y: np.ndarray, num_classes: int, rho: float, seed: int, val_per_class: int = 0):
+    """(training indices of the long tail, indices of the held-out balanced validation set): each class's
+    pool is permuted with `seed`; its first val_per_class images are held out, and class i keeps
+    int(n_max * (1/rho)^(i/(C-1))) of the rest, n_max = min pool - val_per_class."""
+    per_class = np.bincount(y, minlength=num_classes)
+    if not 0 <= val_per_class < per_class.min():
+        raise ValueError(f"val_per_class={val_per_class}: expected 0 <= it < {per_class.min()} (images per class)")
+    keep = long_tail_counts(int(per_class.min()) - val_per_class, num_classes, rho)
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(y == c)) for c in range(num_classes)]
+    train = np.concatenate([p[val_per_class : val_per_class + keep[c]] for c, p in enumerate(pools)])
+    return train, np.concatenate([p[:val_per_class] for p in pools])
+
+
 def cifar_lt(root: str, num_classes: int = 10, rho: float = 100.0, seed: int = 0, train: bool = True) -> ImageArray:
     """CIFAR-10-LT / CIFAR-100-LT: class i keeps int(n_max * (1/rho)^(i/(C-1))) training images, a
     seeded subset (n_max = 5000 / 500). train=False gives the full, balanced test split."""
@@ -76,15 +90,26 @@ def cifar_lt(root: str, num_classes: int = 10, rho: float = 100.0, seed: int = 0
     x, y = read_batches(folder, train_files if train else test_files, key, num_classes)
     if not train:
         return ImageArray(f"cifar{num_classes}[test]", x, y, num_classes)
-    per_class = np.bincount(y, minlength=num_classes)
-    keep = long_tail_counts(int(per_class.min()), num_classes, rho)
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: keep[c]] for c in range(num_classes)])
+    idx, _ = _long_tail(y, num_classes, rho, seed)
     return ImageArray(f"cifar{num_classes}-lt(rho={rho:g})", x[idx], y[idx], num_classes)
 
 
-def cifar_lt_splits(root: str, num_classes: int = 10, rho: float = 100.0, seed: int = 0) -> ArraySplits:
-    """The long-tailed training split and the balanced test split, for the device-resident loader."""
-    tr = cifar_lt(root, num_classes, rho, seed, train=True)
-    te = cifar_lt(root, num_classes, rho, seed, train=False)
-    return ArraySplits(tr.name, tr.images, tr.labels, te.images, te.labels, num_classes)
+def cifar_lt_splits(root: str, num_classes: int = 10, rho: float = 100.0, seed: int = 0,
+                    split: str = "test") -> ArraySplits:
+    """The long-tailed training split and the balanced test split, for the device-resident loader.
+
+    split="val" is for tuning a recipe without looking at the test images: a tenth of each class's
+    training pool (500 / 50 images) is held out as the balanced evaluation set, the tail is drawn from
+    the rest (n_max = 4500 / 450), and the test batches are not read."""
+    if split == "test":
+        tr = cifar_lt(root, num_classes, rho, seed, train=True)
+        te = cifar_lt(root, num_classes, rho, seed, train=False)
+        return ArraySplits(tr.name, tr.images, tr.labels, te.images, te.labels, num_classes)
+    if split != "val":
+        raise ValueError(f"cifar_lt_splits split={split!r}: expected 'test' or 'val'")
+    if num_classes not in LAYOUT:
+        raise ValueError(f"cifar_lt num_classes={num_classes}: expected 10 or 100")
+    _, train_files, _, key = LAYOUT[num_classes]
+    x, y = read_batches(_folder(root, num_classes), train_files, key, num_classes)
+    tr, va = _long_tail(y, num_classes, rho, seed, int(np.bincount(y).min()) // 10)
+    return ArraySplits(f"cifar{num_classes}-lt(rho={rho:g})[val]", x[tr], y[tr], x[va], y[va], num_classes)

@@ -24,8 +24,14 @@ DATASETS = ("mnist-lt", "npz", "cifar10-lt", "cifar100-lt", "imagenet-lt", "plac
 def load_data(cfg: Config) -> ArraySplits | FileSplits:
     """In-memory arrays (mnist-lt, npz, cifar*-lt) or image files (list files, iNat JSON, ImageFolder)."""
     d = cfg.data
-    if d.split != "test" and d.dataset != "mnist-lt":
-        raise ValueError(f"data.split={d.split!r} is implemented for mnist-lt only; {d.dataset} evaluates on its test split")
+    if d.split not in ("test", "val"):
+        raise ValueError(f"data.split={d.split!r}: expected test or val")
+    if d.split == "val" and d.dataset not in ("mnist-lt", "cifar10-lt", "cifar100-lt"):
+        where = ("give the validation images as x_test / y_test" if d.dataset == "npz" else
+                 "point data.test_list at the dataset's validation list (ImageNet_LT_val.txt, Places_LT_val.txt, "
+                 "iNaturalist val2018.json, or a val folder)")
+        raise ValueError(f"data.split=val holds images out of the training pool for mnist-lt and cifar*-lt only; "
+                         f"for {d.dataset}, {where}")
     if d.dataset == "mnist-lt":
         return mnist_lt(rho=d.rho, seed=cfg.seed, split=d.split)
     if d.dataset == "npz":
@@ -35,7 +41,7 @@ def load_data(cfg: Config) -> ArraySplits | FileSplits:
     if d.dataset in ("cifar10-lt", "cifar100-lt"):
         if not d.root:
             raise ValueError(f"data.dataset={d.dataset} needs data.root (the folder of the CIFAR pickle batches)")
-        return cifar_lt_splits(d.root, 10 if d.dataset == "cifar10-lt" else 100, d.rho, cfg.seed)
+        return cifar_lt_splits(d.root, 10 if d.dataset == "cifar10-lt" else 100, d.rho, cfg.seed, split=d.split)
     if d.dataset in ("imagenet-lt", "places-lt"):
         return list_splits(d.root, d.train_list, d.test_list, num_classes=d.num_classes, name=d.dataset,
                            image_size=d.image_size, skip_bad=d.skip_bad)

@@ -64,3 +64,24 @@ def test_cifar_errors_name_file_and_field(tmp_path):
         f.write(b"\x80\x04truncated")
     with pytest.raises(BadInputError, match="data_batch_3: not a readable CIFAR pickle"):
         cifar_lt(str(tmp_path))
+
+
+def test_cifar_lt_val_split_is_held_out_of_the_training_pool(tmp_path):
+    folder = write_cifar(tmp_path, 10, per_class_train=60)
+    for i in range(1, 6):  # a unique id per training image in pixels (0, 1) and (0, 2)
+        path = os.path.join(folder, f"data_batch_{i}")
+        with open(path, "rb") as f:
+            b = pickle.load(f)
+        k = (i - 1) * len(b[b"labels"]) + np.arange(len(b[b"labels"]))
+        b[b"data"][:, 1], b[b"data"][:, 2] = k % 256, k // 256
+        with open(path, "wb") as f:
+            pickle.dump(b, f)
+    os.remove(os.path.join(folder, "test_batch"))  # split=val never reads the test images
+    d = cifar_lt_splits(folder, 10, rho=10.0, seed=3, split="val")
+    assert d.name.endswith("[val]") and d.class_counts == long_tail_counts(54, 10, 10.0)
+    assert np.bincount(d.y_test, minlength=10).tolist() == [6] * 10  # a tenth of each class's 60
+    ids = lambda x: set((x[:, 0, 1, 0].astype(int) + 256 * x[:, 0, 2, 0].astype(int)).tolist())  # noqa: E731
+    assert not ids(d.x_train) & ids(d.x_test), "a validation image is also a training image"
+    assert (d.x_train[:, 0, 0, 0] == d.y_train).all() and (d.x_test[:, 0, 0, 0] == d.y_test).all()
+    with pytest.raises(ValueError, match="split='dev'"):
+        cifar_lt_splits(folder, 10, split="dev")

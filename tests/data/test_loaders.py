@@ -71,6 +71,10 @@ def test_load_data_formats(tmp_path):
         load_data(load_config(None, ["data.dataset=cifar100-lt"]))
     with pytest.raises(ValueError, match="expected one of mnist-lt, npz, cifar10-lt"):
         load_data(load_config(None, ["data.dataset=coco"]))
+    val = load_data(load_config(None, ["data.dataset=cifar10-lt", f"data.root={tmp_path}", "data.rho=10", "data.split=val"]))
+    assert val.class_counts[0] == 45 and len(val.y_test) == 50  # a tenth of each class's 50 held out
+    with pytest.raises(ValueError, match="for imagenet-lt, point data.test_list at the dataset's validation list"):
+        load_data(load_config(None, ["data.dataset=imagenet-lt", "data.split=val"]))
 
 
 def test_context_trains_and_evaluates_on_image_files(tmp_path):
