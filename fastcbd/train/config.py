@@ -19,7 +19,7 @@ class DataConfig:
     test_list: str = ""  # the same for the test split (imagefolder: val, else test)
     num_classes: int = 0  # list files: C; 0 = max training label + 1
     rho: float = 100.0  # imbalance factor of MNIST-LT and CIFAR-LT
-    split: str = "test"  # evaluate on: test | val (mnist-lt, cifar*-lt: a held-out part of the training pool, for tuning)
+    split: str = "test"  # test | val (mnist-lt, cifar*-lt: held out of the training pool, for tuning)
     batch_size: int = 128
     image_size: int = 224  # image files: training crop and evaluation centre crop (after resizing to 256/224 of it)
     loader: str = "auto"  # auto | dali | device | torch (auto: device for arrays, DALI on a GPU, else torch)
