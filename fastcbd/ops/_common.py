@@ -77,6 +77,25 @@ def rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def dispatch(op: str, device: torch.device, *, triton_fwd: Callable, compiled_fwd: Callable, torch_fwd: Callable):
+    """Run an op's forward (three zero-argument callables) on the backend FASTCBD_BACKEND selects for
+    `device`, autocast off: Triton, the compiled C++/CUDA op `torch.ops.fastcbd_C.<op>_fwd` (an explicit
+    cpu/cuda request fails when fastcbd._C lacks it; auto falls back), or plain torch."""
+    from fastcbd import _ext
+    from fastcbd.ops import backend
+
+    name = backend.select(device)
+    with no_autocast(device):
+        if name == "triton":
+            return triton_fwd()
+        if name in ("cpu", "cuda"):
+            if has_compiled(op):
+                return compiled_fwd()
+            if backend.requested() != "auto":
+                raise RuntimeError(f"fastcbd._C has no {op}_fwd (import error: {_ext.IMPORT_ERROR!r})")
+        return torch_fwd()
+
+
 def no_autocast(device: torch.device):
     """Internals in fp32 whatever autocast the caller runs (custom-op bodies and the unfused paths)."""
     if device.type in ("cpu", "cuda"):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcbd import _ext
-from fastcbd.ops import _common, backend, cosine_ce, cosine_distill
+from fastcbd.ops import _common, cosine_ce, cosine_distill
 
 __all__ = ["cbd_loss", "cbd_loss_ref"]
 
@@ -43,18 +42,12 @@ def _fused_fwd(p, w, target, teachers, alpha, beta, sigma, compute_grad, chunk_s
 
 
 def _forward(p, w, target, teachers, alpha, beta, sigma, compute_grad, chunk_size):
-    name = backend.select(p.device)
-    with _common.no_autocast(p.device):
-        args = (p, w, target, teachers, alpha, beta, sigma, compute_grad, chunk_size)
-        if name == "triton":
-            return _fused_fwd(*args, use_triton=True)
-        if name in ("cpu", "cuda"):
-            if _common.has_compiled("cbd_loss"):
-                return torch.ops.fastcbd_C.cbd_loss_fwd(p, w, target, list(teachers), alpha, beta, sigma,
-                                                        compute_grad, chunk_size)
-            if backend.requested() != "auto":
-                raise RuntimeError(f"fastcbd._C has no cbd_loss_fwd (import error: {_ext.IMPORT_ERROR!r})")
-        return _fused_fwd(*args, use_triton=False)
+    args = (p, w, target, teachers, alpha, beta, sigma, compute_grad, chunk_size)
+    return _common.dispatch(
+        "cbd_loss", p.device, triton_fwd=lambda: _fused_fwd(*args, use_triton=True),
+        compiled_fwd=lambda: torch.ops.fastcbd_C.cbd_loss_fwd(p, w, target, list(teachers), alpha, beta, sigma,
+                                                              compute_grad, chunk_size),
+        torch_fwd=lambda: _fused_fwd(*args, use_triton=False))
 
 
 _T = torch.Tensor

@@ -18,8 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastcbd import _ext
-from fastcbd.ops import _common, backend
+from fastcbd.ops import _common
 from fastcbd.ops._common import EPS, triton
 
 __all__ = ["cosine_ce", "cosine_ce_ref"]
@@ -213,21 +212,17 @@ def _fused_fwd(p, w, target, sigma, ignore_index, label_smoothing, mean, compute
 
 
 def _forward(p, w, target, sigma, ignore_index, label_smoothing, mean, compute_grad, chunk_size):
-    name = backend.select(p.device)
-    with _common.no_autocast(p.device):
-        args = (p, w, target, sigma, ignore_index, label_smoothing, mean, compute_grad, chunk_size)
-        if name == "triton":
-            return _fused_fwd(*args, use_triton=True)
-        if name in ("cpu", "cuda"):
-            if _common.has_compiled("cosine_ce"):
-                # the compiled op takes the scale as a number: one host sync for "mean" on a GPU
-                n_valid = int((target != ignore_index).sum()) if mean else 1
-                scale = 1.0 / n_valid if n_valid else float("nan")
-                return torch.ops.fastcbd_C.cosine_ce_fwd(p, w, target, sigma, ignore_index, label_smoothing,
-                                                         scale, compute_grad, chunk_size)
-            if backend.requested() != "auto":
-                raise RuntimeError(f"fastcbd._C has no cosine_ce_fwd (import error: {_ext.IMPORT_ERROR!r})")
-        return _fused_fwd(*args, use_triton=False)
+    args = (p, w, target, sigma, ignore_index, label_smoothing, mean, compute_grad, chunk_size)
+
+    def compiled():
+        # the compiled op takes the scale as a number: one host sync for "mean" on a GPU
+        n_valid = int((target != ignore_index).sum()) if mean else 1
+        scale = 1.0 / n_valid if n_valid else float("nan")
+        return torch.ops.fastcbd_C.cosine_ce_fwd(p, w, target, sigma, ignore_index, label_smoothing, scale,
+                                                 compute_grad, chunk_size)
+
+    return _common.dispatch("cosine_ce", p.device, triton_fwd=lambda: _fused_fwd(*args, use_triton=True),
+                            compiled_fwd=compiled, torch_fwd=lambda: _fused_fwd(*args, use_triton=False))
 
 
 @torch.library.custom_op("fastcbd::cosine_ce", mutates_args=())

@@ -16,8 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastcbd import _ext
-from fastcbd.ops import _common, backend
+from fastcbd.ops import _common
 from fastcbd.ops._common import EPS, triton
 
 __all__ = ["cosine_distill", "cosine_distill_ref"]
@@ -153,18 +152,12 @@ def _torch_fwd(p, teachers, scale: float, compute_grad: bool, grad_scale: float 
 
 def _forward(p, teachers, compute_grad: bool):
     """(loss fp32 0-dim, grad_p fp32 (B, D) or empty) on the backend FASTCBD_BACKEND selects."""
-    name = backend.select(p.device)
     scale = 1.0 / p.shape[0] if p.shape[0] else float("nan")
-    with _common.no_autocast(p.device):
-        if name == "triton":
-            return _triton_fwd(p, teachers, scale, compute_grad)
-        if name in ("cpu", "cuda"):
-            if _common.has_compiled("cosine_distill"):
-                return torch.ops.fastcbd_C.cosine_distill_fwd(p, list(teachers), scale, compute_grad)
-            if backend.requested() != "auto":
-                raise RuntimeError(
-                    f"fastcbd._C has no cosine_distill_fwd (import error: {_ext.IMPORT_ERROR!r})")
-        return _torch_fwd(p, teachers, scale, compute_grad)
+    return _common.dispatch(
+        "cosine_distill", p.device,
+        triton_fwd=lambda: _triton_fwd(p, teachers, scale, compute_grad),
+        compiled_fwd=lambda: torch.ops.fastcbd_C.cosine_distill_fwd(p, list(teachers), scale, compute_grad),
+        torch_fwd=lambda: _torch_fwd(p, teachers, scale, compute_grad))
 
 
 @torch.library.custom_op("fastcbd::cosine_distill", mutates_args=())

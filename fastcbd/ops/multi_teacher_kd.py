@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastcbd import _ext
-from fastcbd.ops import _common, backend
+from fastcbd.ops import _common
 from fastcbd.ops._common import triton
 
 __all__ = ["multi_teacher_kd", "multi_teacher_kd_ref"]
@@ -130,19 +129,13 @@ def _torch_fwd(z, teachers, weights, tau: float, scale: float, compute_grad: boo
 
 
 def _forward(z, teachers, weights, tau: float, compute_grad: bool):
-    name = backend.select(z.device)
     scale = 1.0 / z.shape[0] if z.shape[0] else float("nan")
-    with _common.no_autocast(z.device):
-        if name == "triton":
-            return _triton_fwd(z, teachers, weights, tau, scale, compute_grad)
-        if name in ("cpu", "cuda"):
-            if _common.has_compiled("multi_teacher_kd"):
-                return torch.ops.fastcbd_C.multi_teacher_kd_fwd(z, list(teachers), weights, tau, scale,
-                                                                compute_grad)
-            if backend.requested() != "auto":
-                raise RuntimeError(
-                    f"fastcbd._C has no multi_teacher_kd_fwd (import error: {_ext.IMPORT_ERROR!r})")
-        return _torch_fwd(z, teachers, weights, tau, scale, compute_grad)
+    return _common.dispatch(
+        "multi_teacher_kd", z.device,
+        triton_fwd=lambda: _triton_fwd(z, teachers, weights, tau, scale, compute_grad),
+        compiled_fwd=lambda: torch.ops.fastcbd_C.multi_teacher_kd_fwd(z, list(teachers), weights, tau, scale,
+                                                                      compute_grad),
+        torch_fwd=lambda: _torch_fwd(z, teachers, weights, tau, scale, compute_grad))
 
 
 @torch.library.custom_op("fastcbd::multi_teacher_kd", mutates_args=())
