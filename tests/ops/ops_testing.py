@@ -89,6 +89,21 @@ def assert_low_precision(op_value, ref_lp_value, truth, *, what: str, factor: fl
     )
 
 
+def check_compiled(f, leaves, *rest, backend: str = "aot_eager", what: str = "compiled") -> None:
+    """torch.compile(f, fullgraph=True) against f itself: the value and the gradient of every leaf
+    (tensors given fresh clones that require grad; `rest` passed as they are)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    eager, comp = ([x.clone().requires_grad_() for x in leaves] for _ in range(2))
+    want = f(*eager, *rest)
+    want.backward()
+    got = compiled(*comp, *rest)
+    got.backward()
+    assert_close(got, want, what=f"{what} loss", rtol=1e-6, atol=1e-7)
+    for i, (c, e) in enumerate(zip(comp, eager)):
+        assert_close(c.grad, e.grad, what=f"{what} grad of argument {i}", rtol=1e-6)
+
+
 def interpreter_env() -> dict[str, str]:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("FASTCBD_BACKEND", None)

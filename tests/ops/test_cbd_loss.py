@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_testing import CPU_BACKENDS, assert_close, assert_low_precision, use_backend
+from ops_testing import CPU_BACKENDS, assert_close, assert_low_precision, check_compiled, use_backend
 
 from fastcbd.ops.cbd_loss import cbd_loss, cbd_loss_ref
 from fastcbd.ops.cosine_ce import cosine_ce_ref
@@ -143,22 +143,12 @@ def test_autocast_bf16(monkeypatch, name):
 @pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_torch_compile_fullgraph(monkeypatch, name):
     use_backend(monkeypatch, name, OP)
-    torch._dynamo.reset()
     p, w, target, teachers = _inputs(6, 11, (12, 8), seed=7)
 
     def f(p, w, target, t0, t1):
         return cbd_loss(torch.relu(p), w, target, [t0, t1], alpha=0.3)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    pe, we = p.clone().requires_grad_(), w.clone().requires_grad_()
-    pc, wc = p.clone().requires_grad_(), w.clone().requires_grad_()
-    want = f(pe, we, target, *teachers)
-    want.backward()
-    got = compiled(pc, wc, target, *teachers)
-    got.backward()
-    assert_close(got, want, what="compiled loss", rtol=1e-6, atol=1e-7)
-    assert_close(pc.grad, pe.grad, what="compiled grad_p", rtol=1e-6)
-    assert_close(wc.grad, we.grad, what="compiled grad_w", rtol=1e-6)
+    check_compiled(f, [p, w], target, *teachers)
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
@@ -177,19 +167,9 @@ def test_cuda(monkeypatch, name):
 def test_torch_compile_inductor(monkeypatch):
     """The default compiler (inductor) around the op, once: the other compile tests use aot_eager (fast)."""
     monkeypatch.setenv("FASTCBD_BACKEND", "auto")
-    torch._dynamo.reset()
     p, w, target, teachers = _inputs(6, 11, (12, 8), seed=9)
 
     def f(p, w, target, t0, t1):
         return cbd_loss(torch.relu(p) * 2.0, w, target, [t0, t1])
 
-    compiled = torch.compile(f, fullgraph=True)
-    pe, we = p.clone().requires_grad_(), w.clone().requires_grad_()
-    pc, wc = p.clone().requires_grad_(), w.clone().requires_grad_()
-    want = f(pe, we, target, *teachers)
-    want.backward()
-    got = compiled(pc, wc, target, *teachers)
-    got.backward()
-    assert_close(got, want, what="inductor loss", rtol=1e-6, atol=1e-7)
-    assert_close(pc.grad, pe.grad, what="inductor grad_p", rtol=1e-6)
-    assert_close(wc.grad, we.grad, what="inductor grad_w", rtol=1e-6)
+    check_compiled(f, [p, w], target, *teachers, backend="inductor", what="inductor")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_testing import CPU_BACKENDS, assert_close, assert_low_precision, use_backend
+from ops_testing import CPU_BACKENDS, assert_close, assert_low_precision, check_compiled, use_backend
 
 from fastcbd.ops.cosine_ce import cosine_ce, cosine_ce_ref
 
@@ -150,22 +150,12 @@ def test_autocast_bf16(monkeypatch, name):
 @pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_torch_compile_fullgraph(monkeypatch, name):
     use_backend(monkeypatch, name, OP)
-    torch._dynamo.reset()
     p, w, target = _inputs(6, 11, 20, seed=7)
 
     def f(p, w, target):
         return 2.0 * cosine_ce(p * 1.5, w, target, label_smoothing=0.1)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    pe, we = p.clone().requires_grad_(), w.clone().requires_grad_()
-    pc, wc = p.clone().requires_grad_(), w.clone().requires_grad_()
-    want = f(pe, we, target)
-    want.backward()
-    got = compiled(pc, wc, target)
-    got.backward()
-    assert_close(got, want, what="compiled loss", rtol=1e-6, atol=1e-7)
-    assert_close(pc.grad, pe.grad, what="compiled grad_p", rtol=1e-6)
-    assert_close(wc.grad, we.grad, what="compiled grad_w", rtol=1e-6)
+    check_compiled(f, [p, w], target)
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
