@@ -174,7 +174,7 @@ def distill_mtt(pool: RealPool, syn: SyntheticSet, cfg: MTTConfig, aug: DSA, see
         losses.append(loss)
         if progress is not None:
             progress.update(1)
-    syn.learned_lr = float(syn_lr)
+    syn.learned_lr = float(syn_lr.detach())
     return losses
 
 
