@@ -1,5 +1,6 @@
 """MTT: the normalised parameter loss, the learnable step size gets a gradient, the constant-memory
 gradient equals the full unroll for one step, and expert trajectories are written to disk."""
+import pytest
 import torch
 
 from fastcbd.condense.convnet import convnet_for
@@ -8,6 +9,7 @@ from fastcbd.condense.mtt import (
     Flat,
     MTTConfig,
     constant_memory_backward,
+    epoch_order,
     normalized_param_loss,
     train_experts,
     unroll_loss,
@@ -91,3 +93,23 @@ def test_train_experts_writes_trajectories(tmp_path):
     assert len(traj) == 4 and all(t.shape == (n,) for t in traj)
     assert (traj[0] - traj[-1]).abs().max() > 0, "the expert did not move"
     assert not torch.equal(torch.load(paths[0], weights_only=True)[0], traj[0]), "experts share an init"
+
+
+def test_expert_epochs_instance_or_label_balanced():
+    """Instance epochs are a permutation of the pool; balanced ones draw each label (and, with strata,
+    each stratum of a label) equally often; `auto` balances only a stratified (group-level) pool."""
+    y = torch.tensor([0] * 90 + [1] * 10)
+    strata = torch.tensor([0] * 60 + [1] * 30 + [2] * 6 + [3] * 4)  # group 0: classes 0, 1; group 1: 2, 3
+    pool, grouped = RealPool(torch.zeros(100, 1, 2, 2), y, 2), RealPool(torch.zeros(100, 1, 2, 2), y, 2, strata=strata)
+    gen = torch.Generator().manual_seed(0)
+    inst = epoch_order(pool, False, gen)
+    assert sorted(inst.tolist()) == list(range(100))
+    draws = torch.cat([epoch_order(grouped, True, gen) for _ in range(40)])
+    assert len(draws) == 4000
+    labels, classes = torch.bincount(y[draws]) / 4000, torch.bincount(strata[draws]) / 4000
+    assert torch.allclose(labels, torch.tensor([0.5, 0.5]), atol=0.03), labels
+    assert torch.allclose(classes, torch.full((4,), 0.25), atol=0.03), classes
+    plain = torch.cat([epoch_order(pool, True, gen) for _ in range(40)])
+    assert torch.allclose(torch.bincount(y[plain]) / 4000, torch.tensor([0.5, 0.5]), atol=0.03)
+    with pytest.raises(ValueError, match="expert_sampling='uniform'"):
+        train_experts(pool, MTTConfig(expert_sampling="uniform"), "/nonexistent", None, 0)
