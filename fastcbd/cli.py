@@ -319,9 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="paper", choices=["paper", "cpu"], help="settings (see condense/presets.py)")
     p.add_argument("--soft-labels", action="store_true", help="learnable soft labels (DSA, MTT)")
     p.add_argument("--constant-memory", action="store_true", help="MTT: TESLA-style constant-memory gradient")
-    p.add_argument("--expert-sampling", default="auto", choices=["auto", "instance", "balanced"],
-                   help="MTT experts' epochs: instance (the reference), label-balanced, or auto (balanced at the "
-                   "group level of --hierarchical, instance elsewhere)")
+    p.add_argument("--expert-sampling", default="balanced", choices=["balanced", "instance"],
+                   help="MTT experts' epochs: label-balanced (default) or instance (the reference)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-real and full-data baselines")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

@@ -1,5 +1,7 @@
 """MTT: the normalised parameter loss, the learnable step size gets a gradient, the constant-memory
 gradient equals the full unroll for one step, and expert trajectories are written to disk."""
+import os
+
 import pytest
 import torch
 
@@ -93,11 +95,18 @@ def test_train_experts_writes_trajectories(tmp_path):
     assert len(traj) == 4 and all(t.shape == (n,) for t in traj)
     assert (traj[0] - traj[-1]).abs().max() > 0, "the expert did not move"
     assert not torch.equal(torch.load(paths[0], weights_only=True)[0], traj[0]), "experts share an init"
+    stamp = os.stat(paths[1]).st_mtime_ns
+    assert train_experts(RealPool(x, y, 3), cfg, str(tmp_path), DSA(seed=0), seed=0) == paths
+    assert os.stat(paths[1]).st_mtime_ns == stamp, "same settings: the cached expert is reused"
+    wider = MTTConfig(num_experts=2, expert_epochs_train=3, batch_train=16, width=6, depth=2)
+    train_experts(RealPool(x, y, 3), wider, str(tmp_path), DSA(seed=0), seed=0)
+    n6 = sum(p.numel() for p in convnet_for((1, 8, 8), 3, width=6, depth=2).parameters())
+    assert torch.load(paths[1], weights_only=True)[0].shape == (n6,), "other settings: the experts are retrained"
 
 
 def test_expert_epochs_instance_or_label_balanced():
     """Instance epochs are a permutation of the pool; balanced ones draw each label (and, with strata,
-    each stratum of a label) equally often; `auto` balances only a stratified (group-level) pool."""
+    each stratum of a label) equally often."""
     y = torch.tensor([0] * 90 + [1] * 10)
     strata = torch.tensor([0] * 60 + [1] * 30 + [2] * 6 + [3] * 4)  # group 0: classes 0, 1; group 1: 2, 3
     pool, grouped = RealPool(torch.zeros(100, 1, 2, 2), y, 2), RealPool(torch.zeros(100, 1, 2, 2), y, 2, strata=strata)
