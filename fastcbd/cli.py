@@ -245,6 +245,7 @@ def cmd_condense(args) -> None:
         if getattr(args, flag) is not None:
             setattr(section, key, getattr(args, flag))
     cfg.mtt.constant_memory = args.constant_memory
+    cfg.matching = args.matching
     cfg.mtt.expert_sampling = args.expert_sampling
     t0 = time.perf_counter()
     results = run_condense(cfg, args.out, progress=not args.no_progress)
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="paper", choices=["paper", "cpu"], help="settings (see condense/presets.py)")
     p.add_argument("--soft-labels", action="store_true", help="learnable soft labels (DSA, MTT)")
     p.add_argument("--constant-memory", action="store_true", help="MTT: TESLA-style constant-memory gradient")
+    p.add_argument("--matching", default="auto", choices=["auto", "batched", "loop"],
+                   help="DM / DSA: all classes per call (batched), one class per call (loop), or auto: batched on a "
+                   "GPU, loop on the CPU (faster there: benchmarks/bench_condense.py)")
     p.add_argument("--expert-sampling", default="balanced", choices=["balanced", "instance"],
                    help="MTT experts' epochs: label-balanced (default) or instance (the reference)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-real and full-data baselines")

@@ -52,6 +52,8 @@ class CondenseConfig:
     baselines: bool = True
     threads: int = 0
     device: str = "cpu"
+    matching: str = "auto"  # DM / DSA: batched (all classes per call) | loop (per class) | auto: batched on a GPU,
+    # loop on the CPU, where the batched forms measured slower (benchmarks/bench_condense.py)
     dm: DMConfig = field(default_factory=DMConfig)
     gm: GMConfig = field(default_factory=GMConfig)
     mtt: MTTConfig = field(default_factory=MTTConfig)
@@ -122,14 +124,17 @@ class Runner:
 
     def distiller(self, method: str, seed: int, aug: DSA):
         cfg = self.cfg
+        if cfg.matching not in ("auto", "batched", "loop"):
+            raise ValueError(f"matching={cfg.matching!r}: expected auto, batched or loop")
+        loop = cfg.matching == "loop" or (cfg.matching == "auto" and torch.device(cfg.device).type != "cuda")
 
         def distill(pool, syn, s, tag):
             if method == "dm":
                 with self.bar(cfg.dm.iterations, f"dm {tag} seed {seed}") as bar:
-                    distill_dm(pool, syn, cfg.dm, aug, s, bar)
+                    distill_dm(pool, syn, cfg.dm, aug, s, bar, loop=loop)
             elif method == "dsa":
                 with self.bar(cfg.gm.iterations, f"dsa {tag} seed {seed}") as bar:
-                    distill_gm(pool, syn, cfg.gm, aug, s, bar)
+                    distill_gm(pool, syn, cfg.gm, aug, s, bar, loop=loop)
             elif method == "mtt":
                 with self.bar(cfg.mtt.num_experts, f"mtt experts {tag}") as bar:
                     paths = train_experts(pool, cfg.mtt, os.path.join(self.out_dir, "experts", tag), aug, 0, bar)

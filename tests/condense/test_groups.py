@@ -110,3 +110,23 @@ def test_relabel_and_pools():
     idx = gp.indices(0, 400, torch.Generator().manual_seed(0))
     share_tail = (y[idx] == 2).float().mean().item()
     assert 0.45 < share_tail < 0.55, f"class-balanced inside the group: class 2 drew {share_tail:.2f} of the draws"
+
+
+@pytest.mark.parametrize("matching,device,loop", [("auto", "cpu", True), ("auto", "cuda", False),
+                                                  ("batched", "cpu", False), ("loop", "cuda", True)])
+def test_matching_form_follows_the_device(monkeypatch, matching, device, loop):
+    """DM / DSA run the per-class loop on the CPU (faster there) and the class-batched form on a GPU,
+    unless --matching says otherwise."""
+    from fastcbd.condense import run
+
+    seen = []
+    monkeypatch.setattr(run, "distill_dm", lambda *a, loop=False, **k: seen.append(("dm", loop)))
+    monkeypatch.setattr(run, "distill_gm", lambda *a, loop=False, **k: seen.append(("dsa", loop)))
+    runner = run.Runner.__new__(run.Runner)
+    runner.cfg, runner.progress = run.CondenseConfig(matching=matching, device=device), False
+    for method in ("dm", "dsa"):
+        runner.distiller(method, 0, None)(None, None, 0, "all")
+    assert seen == [("dm", loop), ("dsa", loop)]
+    runner.cfg.matching = "vectorised"
+    with pytest.raises(ValueError, match="matching='vectorised'"):
+        runner.distiller("dm", 0, None)
