@@ -95,14 +95,15 @@ def _reuse_only_if_same(out_dir: str, settings: dict) -> None:
     if os.path.exists(meta):
         with open(meta) as f:
             old = json.load(f)
-    if old != settings:
-        stale = expert_files(out_dir)
-        if stale and old is not None:
-            log.info("%s: experts were trained with %s; retraining for %s", out_dir, old, settings)
-        for path in stale if old != settings else []:
-            os.remove(path)
-        with open(meta, "w") as f:
-            json.dump(settings, f)
+    if old == settings:
+        return
+    stale = expert_files(out_dir)
+    if stale and old is not None:
+        log.info("%s: experts were trained with %s; retraining for %s", out_dir, old, settings)
+    for path in stale:
+        os.remove(path)
+    with open(meta, "w") as f:
+        json.dump(settings, f)
 
 
 def train_experts(pool: RealPool, cfg: MTTConfig, out_dir: str, aug: DSA, seed: int, progress=None) -> list[str]:

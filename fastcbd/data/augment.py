@@ -135,4 +135,3 @@ def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
         v, scale, shift = x, scale.view(1, c, 1, 1), shift.view(1, c, 1, 1)
     v.mul_(scale).add_(shift)
     return x
-
