@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbd.train.stages import Context, seed_everything, train_teacher
+from fastcbd.train.stages import Context, fit_classifier, seed_everything, train_teacher
 
 BASELINES = ("ce_balanced", "crt", "lws", "tau_norm", "balanced_softmax", "logit_adj_loss", "logit_adj_posthoc",
              "cb_ce")
@@ -121,15 +121,7 @@ def train_tau_norm(ctx: Context, teacher: nn.Module, seed: int) -> LinearHead:
     w_c / ||w_c||^tau with tau = baselines.tau."""
     seed_everything(seed)
     model = ctx.place(LinearHead(_frozen_copy(teacher.backbone), ctx.splits.num_classes))
-    loader, smp = ctx.train_loader("instance", "vanilla", seed)
-
-    def step(x, y):
-        with torch.no_grad():
-            feats = model.backbone(x)
-        return F.cross_entropy(model.classifier(feats), y), {}
-
-    ctx.fit(model, step, loader, smp, ctx.cfg.crt, "tau_norm", params=model.classifier.parameters(),
-            train_modules=[model.classifier])
+    fit_classifier(ctx, model, "instance", seed, "tau_norm")
     with torch.no_grad():
         model.classifier.weight.copy_(tau_normalize(model.classifier.weight, ctx.cfg.baselines.tau))
     return model.eval()

@@ -149,16 +149,22 @@ def train_crt(ctx: Context, teacher: Teacher, seed: int) -> Teacher:
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     model.backbone.eval()
-    loader, smp = ctx.train_loader("balanced", "vanilla", seed)
+    fit_classifier(ctx, model, "balanced", seed, "crt")
+    return model.eval()
+
+
+def fit_classifier(ctx: Context, model, sampler: str, seed: int, desc: str) -> None:
+    """Train only model.classifier on the features of model.backbone (frozen, in eval mode, under
+    no_grad), with cross-entropy and the cfg.crt schedule: cRT and the tau-norm head."""
+    loader, smp = ctx.train_loader(sampler, "vanilla", seed)
 
     def step(x, y):
         with torch.no_grad():
             feats = model.backbone(x)
         return F.cross_entropy(model.classifier(feats), y), {}
 
-    ctx.fit(model, step, loader, smp, ctx.cfg.crt, "crt", params=model.classifier.parameters(),
+    ctx.fit(model, step, loader, smp, ctx.cfg.crt, desc, params=model.classifier.parameters(),
             train_modules=[model.classifier])
-    return model.eval()
 
 
 def freeze(teachers) -> list[torch.nn.Module]:
