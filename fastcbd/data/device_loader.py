@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 from fastcbd.data.augment import AugmentConfig, augment, photometric, random_pad_crop
+from fastcbd.data.samplers import SampledLoader
 
 
-class DeviceLoader:
+class DeviceLoader(SampledLoader):
     """Yields (images (B, C, H, W) float32 normalised, labels (B,) int64) on `device`.
 
     images: uint8 (N, H, W, C) numpy; sampler: a fastcbd.data.samplers sampler (its epoch is advanced
@@ -34,22 +35,6 @@ class DeviceLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed)
-        self._resume_gen = None
-
-    def state_dict(self) -> dict:
-        """The augmentation generator's state (taken between batches)."""
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The next iteration continues the generator from `state` instead of re-seeding it."""
-        self._resume_gen = state["gen"]
-
-    def __len__(self) -> int:
-        n = len(self.sampler) if self.sampler is not None else len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _order(self) -> np.ndarray:
-        return self.sampler.indices() if self.sampler is not None else np.arange(len(self.labels))
 
     def __iter__(self):
         order = self._order()

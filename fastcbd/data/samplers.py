@@ -144,6 +144,29 @@ SAMPLERS = {"instance": InstanceSampler, "balanced": ClassBalancedSampler, "sqrt
             "progressive": ProgressiveSampler}
 
 
+class SampledLoader:
+    """What the loaders share: batches follow `sampler` (sequential order without one), and the
+    augmentation generator `gen` can be checkpointed between batches. Needs sampler, labels,
+    batch_size, drop_last and gen; `_resume_gen` is picked up by the loader's next __iter__."""
+
+    _resume_gen = None
+
+    def state_dict(self) -> dict:
+        """The augmentation generator's state (taken between batches)."""
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration continues the generator from `state` instead of re-seeding it."""
+        self._resume_gen = state["gen"]
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _order(self) -> np.ndarray:
+        return self.sampler.indices() if self.sampler is not None else np.arange(len(self.labels))
+
+
 def build_sampler(name: str, targets, **kw) -> _Sampler:
     """A sampler by name; `num_classes` / `allow_empty` apply to the class-weighted ones, `epochs` to
     progressive (both are ignored where they do not apply)."""

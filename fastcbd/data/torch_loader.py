@@ -20,6 +20,7 @@ from torchvision.transforms import RandomResizedCrop
 from fastcbd.data.augment import AugmentConfig, augment, normalize_, photometric
 from fastcbd.data.decode import load_rgb
 from fastcbd.data.files import BadInputError, ImageFiles
+from fastcbd.data.samplers import SampledLoader
 
 log = logging.getLogger("fastcbd")
 
@@ -109,11 +110,13 @@ class ArrayImages(Dataset):
         return [(x, torch.from_numpy(self.labels[idx]), [], len(idx))]
 
 
-class TorchLoader:
+class TorchLoader(SampledLoader):
     """Yields (images (B, C, S, S) float32 normalised, labels (B,) int64) on `device`.
 
     dataset: FileImages (crops made in the workers; `aug` applies its photometric part on the device)
     or ArrayImages (the whole of `aug` runs batched on the device). sampler=None: sequential order.
+    Checkpoints hold the on-device generator (state_dict); crops made in the workers (image files) follow
+    the resume point but are not bit-identical to an unbroken run.
     """
 
     def __init__(self, dataset: Dataset, labels, batch_size: int, *, sampler=None, aug: AugmentConfig | None = None,
@@ -128,22 +131,9 @@ class TorchLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.gen = torch.Generator(device=self.device)
         self.skipped: list[str] = []
-        self._resume_gen = None
-
-    def state_dict(self) -> dict:
-        """The on-device augmentation generator's state (taken between batches). Crops made in the
-        workers (image files) follow the resume point but are not bit-identical to an unbroken run."""
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_gen = state["gen"]
-
-    def __len__(self) -> int:
-        n = len(self.sampler) if self.sampler is not None else len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _batches(self) -> list[np.ndarray]:
-        order = self.sampler.indices() if self.sampler is not None else np.arange(len(self.labels))
+        order = self._order()
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
         return [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
