@@ -2,7 +2,8 @@
 
 C++ sources (csrc/cpu, csrc/bindings.cpp) are always built. CUDA sources (csrc/cuda) are added when
 nvcc is found (CUDA_HOME, else /usr/local/cuda) and torch is a CUDA build, unless FASTCBD_NO_CUDA=1.
-TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are honoured.
+FASTCBD_REQUIRE_CUDA=1 turns a missing nvcc or a CPU-only torch into an error instead of a quiet CPU-only
+build (`make gpu-check` sets it). TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are honoured.
 
 Install with `pip install --no-build-isolation -e .` so that the build uses the installed torch.
 """
@@ -35,6 +36,11 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = cuda_home is not None and torch.version.cuda is not None
+    if not with_cuda and os.environ.get("FASTCBD_REQUIRE_CUDA", "0") == "1":
+        why = ("FASTCBD_NO_CUDA=1 is set" if os.environ.get("FASTCBD_NO_CUDA", "0") == "1"
+               else "nvcc not found (set CUDA_HOME)" if cuda_home is None
+               else f"torch {torch.__version__} is not a CUDA build")
+        raise SystemExit(f"fastcbd: FASTCBD_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "bindings.cpp")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     include_dirs = [os.path.join(HERE, "csrc")]
