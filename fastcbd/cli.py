@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+import yaml
+
 log = logging.getLogger("fastcbd")
 
 
@@ -64,22 +66,39 @@ def cmd_train_teachers(args) -> None:
     from fastcbd.train.stages import Context
 
     cfg = _config(args)
+    _check_resume(args, os.path.join(args.out, "*", "checkpoints", "step_*.pt"), cfg)
     save_config(cfg, os.path.join(args.out, "config.yaml"))
-    _check_resume(args, os.path.join(args.out, "*", "checkpoints", "step_*.pt"))
     ctx = Context(cfg, load_data(cfg), log_path=os.path.join(args.out, "metrics.jsonl"),
                   ckpt_dir=os.path.join(args.out, "{stage}", "checkpoints"), resume=True,
-                  tb_dir=os.path.join(args.out, "{stage}", "tb"))
+                  tb_dir=os.path.join(args.out, "{stage}", "tb"), require_resume=args.resume,
+                  allow_config_change=args.allow_config_change)
     for name, path in train_teachers(ctx, args.out):
         print(path)
 
 
-def _check_resume(args, pattern: str) -> None:
-    """Stages always continue from the checkpoints in --out (auto-resume); --resume insists there are some."""
+def _check_resume(args, pattern: str, cfg) -> None:
+    """Stages always continue from the checkpoints in --out (auto-resume); --resume insists there are some.
+    With checkpoints there, the config must be the one --out/config.yaml was written with (up to the keys
+    that cannot change a result; --allow-config-change overrides, logged): checked before config.yaml is
+    rewritten, and again against each checkpoint when its stage resumes."""
+    from fastcbd.train.config import to_dict
+    from fastcbd.train.resume import check_config
+
     found = glob.glob(pattern)
     if getattr(args, "resume", False) and not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {args.out} ({pattern})")
-    if found:
-        log.info("%s: %d checkpoint(s) found; finished stages are kept and unfinished ones continue", args.out, len(found))
+    if not found:
+        return
+    log.info("%s: %d checkpoint(s) found; finished stages are kept and unfinished ones continue", args.out, len(found))
+    saved = os.path.join(args.out, "config.yaml")
+    try:
+        with open(saved) as f:
+            old = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("%s: cannot read the previous run's config (%s); each stage checks its checkpoint's", saved, exc)
+        return
+    if isinstance(old, dict):
+        check_config(old, to_dict(cfg), saved, args.allow_config_change)
 
 
 def _teacher_paths(items) -> list[str]:
@@ -107,10 +126,11 @@ def cmd_train_student(args) -> None:
 
     cfg = _config(args)
     splits = load_data(cfg)
+    _check_resume(args, os.path.join(args.out, "checkpoints", "step_*.pt"), cfg)
     save_config(cfg, os.path.join(args.out, "config.yaml"))
-    _check_resume(args, os.path.join(args.out, "checkpoints", "step_*.pt"))
     ctx = Context(cfg, splits, log_path=os.path.join(args.out, "metrics.jsonl"),
-                  ckpt_dir=os.path.join(args.out, "checkpoints"), resume=True, tb_dir=os.path.join(args.out, "tb"))
+                  ckpt_dir=os.path.join(args.out, "checkpoints"), resume=True, tb_dir=os.path.join(args.out, "tb"),
+                  require_resume=args.resume, allow_config_change=args.allow_config_change)
     paths = _teacher_paths(args.teachers or [])
     teachers = []
     for p in paths:
@@ -270,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--resume", action="store_true", help="require checkpoints in --out to continue from "
                    "(without it a run still continues from them when there are some)")
+    p.add_argument("--allow-config-change", action="store_true", help="continue from the checkpoints in --out "
+                   "although the config changes the result (logged); without it such a resume is refused")
     p.set_defaults(func=cmd_train_teachers)
 
     p = sub.add_parser("train-student", help="train a CBD student (or a baseline) and evaluate it")
@@ -281,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--teachers; the others train from scratch")
     p.add_argument("--resume", action="store_true", help="require checkpoints in --out to continue from "
                    "(without it a run still continues from them when there are some)")
+    p.add_argument("--allow-config-change", action="store_true", help="continue from the checkpoints in --out "
+                   "although the config changes the result (logged); without it such a resume is refused")
     p.set_defaults(func=cmd_train_student)
 
     p = sub.add_parser("evaluate", help="overall, many/medium/few and per-class top-1 of model files")

@@ -12,10 +12,21 @@ FORMAT = "fastcbd.model/1"
 
 
 def atomic_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write to a temp file, fsync it, rename it over `path`, fsync the folder: after a crash `path` is
+    the old file or the whole new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model(path: str, model: torch.nn.Module, arch: dict, meta: dict | None = None) -> None:
@@ -112,14 +123,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+class ResumeError(ValueError):
+    """--resume found checkpoints but none it can read."""
+
+
 class CheckpointManager:
     """`folder/step_00000123.pt`, written atomically every `every` optimizer steps and at the end; the
     newest `keep` are kept. `latest()` loads the newest readable one; an unreadable (truncated, corrupt)
-    file is reported by name and the one before it is used."""
+    file is reported by name and the one before it is used. Unreadable files are moved aside to
+    `folder/unreadable/` (never deleted), except with required=True (`--resume`) when none is readable:
+    that raises ResumeError naming each file and why, and touches nothing."""
 
-    def __init__(self, folder: str, every: int = 0, keep: int = 3, log=None):
+    def __init__(self, folder: str, every: int = 0, keep: int = 3, log=None, required: bool = False):
         self.folder, self.every, self.keep = folder, int(every), max(int(keep), 1)
-        self.log = log
+        self.log, self.required = log, required
 
     def paths(self) -> list[str]:
         if not os.path.isdir(self.folder):
@@ -137,15 +154,46 @@ class CheckpointManager:
             os.remove(old)
         return path
 
+    @staticmethod
+    def read(path: str) -> dict:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
+            raise ValueError(f"format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}")
+        return blob
+
     def latest(self) -> tuple[str, dict] | tuple[None, None]:
+        bad: list[tuple[str, str]] = []
+        found: tuple[str, dict] | tuple[None, None] = (None, None)
         for path in reversed(self.paths()):
             try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
-                    raise ValueError(f"format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r}")
-                return path, blob
+                found = (path, self.read(path))
+                break
             except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to the previous one
-                msg = f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); trying the previous one"
-                if self.log is not None:
-                    self.log.warning(msg)
-        return None, None
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                bad.append((path, why))
+                self._warn(f"checkpoint {path} is unreadable ({why}); trying the previous one")
+        if bad and found[0] is None and self.required:
+            raise ResumeError(f"--resume: no readable checkpoint in {self.folder}: "
+                              + "; ".join(f"{p} ({why})" for p, why in bad) + ". Nothing was moved or deleted")
+        if bad:
+            self._move_aside([p for p, _ in bad])
+        return found
+
+    def _move_aside(self, paths: list[str]) -> None:
+        from fastcbd.train.distributed import is_main
+
+        if not is_main():
+            return
+        aside = os.path.join(self.folder, "unreadable")
+        os.makedirs(aside, exist_ok=True)
+        for p in paths:
+            dest, n = os.path.join(aside, os.path.basename(p)), 1
+            while os.path.exists(dest):  # an earlier file of the same name stays too
+                dest, n = os.path.join(aside, f"{os.path.basename(p)}.{n}"), n + 1
+            os.replace(p, dest)
+        self._warn(f"{len(paths)} unreadable checkpoint(s) moved aside to {aside}: "
+                   + ", ".join(os.path.basename(p) for p in paths))
+
+    def _warn(self, msg: str) -> None:
+        if self.log is not None:
+            self.log.warning(msg)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from fastcbd.train import distributed as D
 from fastcbd.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from fastcbd.train.config import OptimConfig
+from fastcbd.train.resume import check_config, trim_records
 
 log = logging.getLogger("fastcbd")
 
@@ -96,25 +97,13 @@ def _write(path: str | None, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _tensorboard(folder: str):
+def _tensorboard(folder: str, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:  # the tensorboard package is an install requirement, but keep training without it
         log.warning("no TensorBoard scalars (%s); pip install tensorboard", exc)
         return None
-    return SummaryWriter(folder)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for every leaf that differs between two nested config dicts."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+    return SummaryWriter(folder, purge_step=purge_step)
 
 
 def _loader_state(loader) -> dict:
@@ -125,7 +114,7 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
         desc: str = "train", log_path: str | None = None, show_progress: bool = True,
         train_modules=None, ckpt: CheckpointManager | None = None, resume: bool = False,
         meta: dict | None = None, config: dict | None = None, compile: str = "", log_every: int = 0,
-        tb_dir: str | None = None, sync_bn: bool = True) -> list[dict]:
+        tb_dir: str | None = None, sync_bn: bool = True, allow_config_change: bool = False) -> list[dict]:
     """Train for cfg.epochs epochs of `loader`; returns the per-epoch logs (also appended to log_path).
 
     train_modules: the modules put in train mode each epoch (default: the whole model); frozen parts
@@ -135,7 +124,10 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
     compile: a torch.compile backend for the step (compiled before the DDP wrap); "" = eager.
     sync_bn: under torchrun on GPUs, SyncBatchNorm in `model` (fastcbd.train.distributed.sync_batch_norm).
     log_every > 0: a {"kind": "step", ...} record (loss, lr) every log_every steps in log_path;
-    tb_dir: TensorBoard scalars (per logged step and per epoch) there. Rank 0 only.
+    tb_dir: TensorBoard scalars (per logged step and per epoch, both against the optimizer step) there.
+    Rank 0 only. A resume refuses a checkpoint whose config differs in a key that changes the result
+    (fastcbd.train.resume; allow_config_change=True logs it instead) and drops the records written after
+    the checkpoint from log_path and TensorBoard, so each is written once.
     """
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     device = next(model.parameters()).device
@@ -157,7 +149,6 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     log_path = log_path if main else None
     show_progress = show_progress and main
-    tb = _tensorboard(tb_dir) if tb_dir and main else None
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     delay = float(os.environ.get("FASTCBD_STEP_DELAY", "0") or 0)  # seconds after each step (signal tests)
     history: list[dict] = []
@@ -175,9 +166,7 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
             if mine is not None and theirs is not None and mine != theirs:
                 raise ValueError(f"checkpoint {path} was trained with teachers {theirs}, this run has {mine}: "
                                  "resume with the same teachers or start a new run folder")
-            changed = _diff(blob.get("config") or {}, config or {})
-            if changed:
-                log.warning("%s: resuming %s with a different config: %s", desc, path, "; ".join(changed[:8]))
+            check_config(blob.get("config") or {}, config or {}, f"{desc}: checkpoint {path}", allow_config_change)
             model.load_state_dict(blob["model"])
             opt.load_state_dict(blob["optimizer"])
             sched.load_state_dict(blob["scheduler"])
@@ -195,7 +184,10 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
                 loader.load_state_dict(mine_state["loader"])
             set_rng_state(mine_state["rng"])
             last_good = path
+            trim_records(log_path, desc, step, blob["epoch"], blob["epoch_done"])
             log.info("%s: resumed from %s (step %d of %d)", desc, path, step, total_steps)
+    # purge_step: TensorBoard drops the events a killed run wrote after the checkpoint
+    tb = _tensorboard(tb_dir, purge_step=step + 1 if step else None) if tb_dir and main else None
 
     def save(epoch: int, epoch_done: bool) -> str | None:
         if ckpt is None:
@@ -303,7 +295,7 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
             _write(log_path, record)
             if tb is not None:
                 for k in ("lr", "seconds", *totals):
-                    tb.add_scalar(f"{desc}/epoch_{k}", record[k], epoch)
+                    tb.add_scalar(f"{desc}/epoch_{k}", record[k], step)
                 tb.flush()
             micro = 0
             last_epoch = epoch == cfg.epochs - 1

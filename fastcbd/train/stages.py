@@ -61,12 +61,15 @@ class Context:
 
     def __init__(self, cfg: Config, splits: ArraySplits | FileSplits, log_path: str | None = None,
                  progress: bool = True, ckpt_dir: str | None = None, resume: bool = False,
-                 tb_dir: str | None = None):
+                 tb_dir: str | None = None, require_resume: bool = False, allow_config_change: bool = False):
         """ckpt_dir: where each stage keeps its checkpoints, '{stage}' replaced by the stage's name
         (None: no checkpoints); resume: continue a stage from its newest readable checkpoint;
+        require_resume (--resume): a stage whose checkpoints are all unreadable is an error, not a fresh
+        start; allow_config_change: resume despite a config that changes the result (logged);
         tb_dir: the same for TensorBoard scalars (None: none)."""
         self.cfg, self.splits, self.log_path, self.progress = cfg, splits, log_path, progress
         self.ckpt_dir, self.resume, self.tb_dir = ckpt_dir, resume, tb_dir
+        self.require_resume, self.allow_config_change = require_resume, allow_config_change
         self.device = D.local_device(cfg.device) if D.launched() else resolve_device(cfg.device)
         D.init(self.device)  # joins the process group under torchrun; a no-op otherwise
         self.mean, self.std = channel_stats(splits)
@@ -110,13 +113,15 @@ class Context:
         if not self.ckpt_dir:
             return None
         c = self.cfg.checkpoint
-        return CheckpointManager(self.ckpt_dir.format(stage=desc), c.every, c.keep, log=logging.getLogger("fastcbd"))
+        return CheckpointManager(self.ckpt_dir.format(stage=desc), c.every, c.keep, log=logging.getLogger("fastcbd"),
+                                 required=self.require_resume)
 
     def fit(self, model, step_fn, loader, sampler, optim: OptimConfig, desc: str, **kw):
         return fit(model, step_fn, loader, sampler, optim, amp=self.cfg.amp, desc=desc, log_path=self.log_path,
                    show_progress=self.progress, ckpt=self.checkpoints(desc), resume=self.resume,
                    config=to_dict(self.cfg), compile=self.cfg.compile, log_every=self.cfg.log_every,
-                   tb_dir=self.tb_dir.format(stage=desc) if self.tb_dir else None, sync_bn=self.cfg.sync_bn, **kw)
+                   tb_dir=self.tb_dir.format(stage=desc) if self.tb_dir else None, sync_bn=self.cfg.sync_bn,
+                   allow_config_change=self.allow_config_change, **kw)
 
 
 def _ce_step(model, loss_fn=None):

@@ -1,5 +1,6 @@
 """Checkpoints and resume: a SIGKILLed and a SIGTERMed run continue bit-exactly (CPU); a corrupt
 checkpoint is reported by name and the previous one is used; a NaN loss stops naming the step."""
+import json
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ def _cmd(data, out):
     # aug teachers: colour jitter and grayscale draw from the loader's generator mid-epoch
     return [sys.executable, "-m", "fastcbd", "train-teachers", "--data", data, "--out", str(out), "teacher.kinds=[aug]",
             "teacher.optim.epochs=4", "data.batch_size=16", "model.width=4", "threads=1", "checkpoint.every=3",
-            "checkpoint.keep=2"]
+            "checkpoint.keep=2", "log_every=1"]
 
 
 def _start(cmd, delay):
@@ -77,6 +78,13 @@ def test_sigkill_and_sigterm_then_resume_is_bit_exact(tmp_path):
     diff = [n for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()) if not torch.equal(x, y)]
     assert not diff, f"resumed run differs from the straight run in {diff}"
     assert sorted(os.listdir(ckpts)) == ["step_00000015.pt", "step_00000016.pt"]  # keep=2, one at the end
+    # the records written after each checkpoint were dropped on resume: each step and epoch once, as straight
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    straight_records = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    key = lambda r: (r.get("kind", "epoch"), r.get("step") if r.get("kind") == "step" else r["epoch"])  # noqa: E731
+    assert sorted(map(key, records)) == sorted(map(key, straight_records)), sorted(map(key, records))
+    assert [r["loss"] for r in records if r.get("kind") == "step"] == [
+        r["loss"] for r in straight_records if r.get("kind") == "step"]
 
 
 def _params(model):
