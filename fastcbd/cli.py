@@ -47,7 +47,7 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--data", metavar="FILE.npz", help="your own data: x_train, y_train, x_test, y_test arrays")
     p.add_argument("--out", default=out_default, required=out_default is None, help="output folder")
-    p.add_argument("--loader", choices=["auto", "dali", "device", "torch"], help="data loader (default: data.loader)")
+    p.add_argument("--loader", choices=["auto", "dali", "device", "torch", "nvjpeg"], help="data loader (default: data.loader)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. teacher.optim.epochs=10")
 
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from fastcbd.train.report import _json_safe
+from fastcbd.train.report import json_safe
 
 
 def save_synthetic(path: str, blob: dict) -> None:
@@ -72,7 +72,7 @@ def write_results(out_dir: str, results: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(_json_safe(results), f, indent=1)
+        json.dump(json_safe(results), f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(results))

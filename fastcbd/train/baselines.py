@@ -20,16 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcbd.models.heads import LWS, LinearHead, PostHocAdjusted, log_prior
 from fastcbd.train.stages import Context, fit_classifier, seed_everything, train_teacher
+
+__all__ = ["BASELINES", "LWS", "LinearHead", "PostHocAdjusted", "balanced_softmax_loss", "class_balanced_weights",
+           "log_prior", "logit_adjusted_loss", "run_baseline", "tau_normalize"]
 
 BASELINES = ("ce_balanced", "crt", "lws", "tau_norm", "balanced_softmax", "logit_adj_loss", "logit_adj_posthoc",
              "cb_ce")
-
-
-def log_prior(class_counts, device=None) -> torch.Tensor:
-    """(C,) float32 log pi_c = log(n_c / N); an empty class gets log of half an image (finite)."""
-    n = torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float64), 0.5), dtype=torch.float32, device=device)
-    return (n / n.sum()).log()
 
 
 def logit_adjusted_loss(logits: torch.Tensor, target: torch.Tensor, log_pi: torch.Tensor, tau: float = 1.0):
@@ -57,46 +55,6 @@ def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
     if tau == 0:
         return weight.clone()
     return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
-
-
-class PostHocAdjusted(nn.Module):
-    """A trained model whose logits are shifted by -tau log pi (argmax of p(y|x) / pi_y^tau)."""
-
-    def __init__(self, model: nn.Module, class_counts, tau: float = 1.0):
-        super().__init__()
-        self.model, self.tau = model, float(tau)
-        self.register_buffer("log_pi", log_prior(class_counts))
-
-    def forward(self, x):
-        z = self.model(x)
-        return z - self.tau * self.log_pi.to(z.dtype)
-
-
-class LWS(nn.Module):
-    """Learnable weight scaling: logits_c * s_c of a frozen model, s initialised to 1 (so the wrapped
-    model's predictions at the start)."""
-
-    def __init__(self, model: nn.Module, num_classes: int):
-        super().__init__()
-        self.model = model
-        self.scale = nn.Parameter(torch.ones(num_classes))
-
-    def forward(self, x):
-        with torch.no_grad():
-            z = self.model(x)
-        return z * self.scale.to(z.dtype)
-
-
-class LinearHead(nn.Module):
-    """A frozen backbone and a linear classifier without bias (B, D) -> (B, C), for tau-norm."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = nn.Linear(backbone.out_features, num_classes, bias=False)
-
-    def forward(self, x):
-        return self.classifier(self.backbone(x))
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

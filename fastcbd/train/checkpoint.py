@@ -7,6 +7,7 @@ import os
 import torch
 
 from fastcbd.models import Student, Teacher
+from fastcbd.models.heads import LWS, LinearHead, PostHocAdjusted
 
 FORMAT = "fastcbd.model/1"
 
@@ -43,15 +44,13 @@ def save_model(path: str, model: torch.nn.Module, arch: dict, meta: dict | None 
 def wrap_head(teacher: torch.nn.Module, arch: dict) -> torch.nn.Module:
     """The decoupled baselines' models around a teacher: arch["head"] is lws, tau_norm or
     logit_adj_posthoc (the weights, scales and log-prior then come from the state dict)."""
-    from fastcbd.train import baselines
-
     c = arch["num_classes"]
     if arch["head"] == "lws":
-        return baselines.LWS(teacher, c)
+        return LWS(teacher, c)
     if arch["head"] == "tau_norm":
-        return baselines.LinearHead(teacher.backbone, c)
+        return LinearHead(teacher.backbone, c)
     if arch["head"] == "logit_adj_posthoc":
-        return baselines.PostHocAdjusted(teacher, [1] * c, arch.get("tau", 1.0))
+        return PostHocAdjusted(teacher, [1] * c, arch.get("tau", 1.0))
     raise ValueError(f"arch.head {arch['head']!r}: expected lws, tau_norm or logit_adj_posthoc")
 
 

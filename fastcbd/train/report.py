@@ -19,13 +19,13 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj):
+def json_safe(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -39,7 +39,7 @@ def write_results(out_dir: str, results: dict, title: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(_json_safe(results), f, indent=1)
+        json.dump(json_safe(results), f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     counts = results["class_counts"]
     md = [f"# {title}", "", f"dataset: {results['dataset']}, seed {results['seed']}, "

@@ -1,6 +1,4 @@
 """Each long-tail baseline's defining property, and the demo's opt-in baseline list."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -89,19 +87,53 @@ def test_lws_starts_at_the_model_and_trains_only_the_scales(tmp_path):
     assert not torch.equal(lws.scale, torch.ones(3)), "the per-class scales did not train"
 
 
-@pytest.mark.parametrize("name", ["tau_norm", "balanced_softmax", "logit_adj_loss", "cb_ce", "logit_adj_posthoc"])
-def test_each_baseline_runs_and_predicts(tmp_path, name):
-    ctx = tiny_ctx(tmp_path, **{"crt.epochs": 1, "teacher.optim.epochs": 1})
-    teacher = run_baseline(ctx, "ce_balanced", None, 1) if name in ("tau_norm", "logit_adj_posthoc") else None
-    model = run_baseline(ctx, name, teacher, 3)
-    z = model(ctx.test_loader().__iter__().__next__()[0])
-    assert z.shape[1] == 3 and torch.isfinite(z).all()
+def test_tau_norm_and_posthoc_heads_keep_the_frozen_backbone_and_apply_their_formula(tmp_path):
+    ctx = tiny_ctx(tmp_path, **{"crt.epochs": 1, "teacher.optim.epochs": 1, "baselines.logit_tau": 0.7})
+    teacher = run_baseline(ctx, "ce_balanced", None, 1)
+    x = ctx.test_loader().__iter__().__next__()[0]
+    tau = run_baseline(ctx, "tau_norm", teacher, 3)  # baselines.tau = 1: every class vector of unit norm
+    norms = tau.classifier.weight.norm(dim=1)
+    assert torch.allclose(norms, torch.ones(3), atol=1e-5), f"tau-norm (tau 1) left norms {norms.tolist()}"
+    assert torch.equal(tau.backbone(x), teacher.backbone(x)), "tau-norm changed the frozen backbone"
+    post = run_baseline(ctx, "logit_adj_posthoc", teacher, 3)
+    expected = teacher(x) - 0.7 * log_prior(ctx.splits.class_counts)
+    assert torch.allclose(post(x), expected, atol=1e-6), "post-hoc adjustment is not z - tau log pi"
+
+
+@pytest.mark.parametrize("name", ["balanced_softmax", "logit_adj_loss", "cb_ce"])
+def test_loss_baselines_train_with_their_own_loss(tmp_path, monkeypatch, name):
+    """The loss each baseline hands the training stage is its formula on this dataset's class counts."""
+    import fastcbd.train.baselines as B
+
+    ctx = tiny_ctx(tmp_path, **{"teacher.optim.epochs": 1, "baselines.logit_tau": 0.5, "baselines.cb_beta": 0.99})
+    seen = {}
+    real = B.train_teacher
+
+    def spy(*args, loss_fn=None, **kw):
+        seen["fn"] = loss_fn
+        return real(*args, loss_fn=loss_fn, **kw)
+
+    monkeypatch.setattr(B, "train_teacher", spy)
+    model = run_baseline(ctx, name, None, 3)
+    counts = torch.tensor(ctx.splits.class_counts, dtype=torch.float64)  # 40, 12, 4
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g)
+    if name == "balanced_softmax":
+        want = F.cross_entropy(z + counts.log(), y)
+    elif name == "logit_adj_loss":
+        want = F.cross_entropy(z + 0.5 * (counts / counts.sum()).log(), y)
+    else:
+        w = (1 - 0.99) / (1 - 0.99 ** counts)
+        want = F.cross_entropy(z, y, weight=w * 3 / w.sum())
+    got = seen["fn"](z, y)
+    assert abs(got.item() - want.item()) < 1e-6, f"{name}: loss {got.item()} != formula {want.item()}"
+    assert torch.isfinite(model(ctx.test_loader().__iter__().__next__()[0])).all()
 
 
 def test_unknown_baseline_is_named(tmp_path):
     with pytest.raises(ValueError, match="'focal'"):
         run_baseline(tiny_ctx(tmp_path), "focal", None, 0)
-    assert "crt" in BASELINES and "lws" in BASELINES and math.isfinite(1.0)
+    assert set(BASELINES) >= {"crt", "lws", "tau_norm", "balanced_softmax", "logit_adj_loss", "cb_ce"}
 
 
 def test_demo_table_takes_the_opt_in_baselines(tmp_path):
