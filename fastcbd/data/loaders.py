@@ -1,9 +1,10 @@
-"""One place that picks and builds the loader: `loader: auto | dali | device | torch`.
+"""One place that picks and builds the loader: `loader: auto | dali | device | torch | nvjpeg`.
 
 auto chooses by what is true of the data and the machine (benchmarks/README.md, "Data loading"):
 in-memory arrays -> the device-resident loader (no workers at all); image files with a GPU and DALI
-installed -> DALI with nvJPEG decode on the GPU; image files on a CPU -> the torch DataLoader with
-decode_jpeg (on 2 CPU cores it beats DALI's CPU pipeline, and PIL by ~1.5x).
+installed -> DALI with nvJPEG decode on the GPU; image files with a GPU and no DALI -> `nvjpeg`
+(torchvision's batched nvJPEG decode, fastcbd.data.nvjpeg); image files on a CPU -> the torch
+DataLoader with decode_jpeg (on 2 CPU cores it beats DALI's CPU pipeline, and PIL by ~1.5x).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastcbd.data.arrays import ArraySplits
 from fastcbd.data.augment import AugmentConfig
 from fastcbd.data.device_loader import DeviceLoader
 
-LOADERS = ("auto", "dali", "device", "torch")
+LOADERS = ("auto", "dali", "device", "torch", "nvjpeg")
 
 
 def resolve_loader(name: str, splits, device: torch.device) -> str:
@@ -29,10 +30,14 @@ def resolve_loader(name: str, splits, device: torch.device) -> str:
     if name == "auto":
         if in_memory:
             return "device"
-        return "dali" if device.type == "cuda" and dali.available() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        return "dali" if dali.available() else "nvjpeg"
     if name == "device" and not in_memory:
         raise ValueError("data.loader=device needs in-memory arrays (mnist-lt, npz, cifar*-lt); "
-                         f"{splits.name} is image files: use dali or torch")
+                         f"{splits.name} is image files: use dali, nvjpeg or torch")
+    if name == "nvjpeg" and in_memory:
+        raise ValueError(f"data.loader=nvjpeg decodes image files; {splits.name} is in-memory arrays: use device or torch")
     if name == "dali":
         if in_memory:
             raise ValueError(f"data.loader=dali reads image files; {splits.name} is in-memory arrays: use device or torch")
@@ -82,6 +87,11 @@ def build_loader(splits, train: bool, *, batch_size: int, sampler=None, aug: Aug
 
         return DaliLoader(files, batch_size, train=train, aug=aug, seed=seed, num_threads=max(workers, 1),
                           skip_bad=skip_bad, size=splits.image_size, resize=eval_resize, **common)
+    if kind == "nvjpeg":
+        from fastcbd.data.nvjpeg import NvjpegLoader
+
+        return NvjpegLoader(files, batch_size, train=train, aug=aug, seed=seed, workers=workers, skip_bad=skip_bad,
+                            size=splits.image_size, resize=eval_resize, **common)
     from fastcbd.data.torch_loader import FileImages, TorchLoader
 
     dataset = FileImages(files, train, splits.image_size, eval_resize, aug, skip_bad)

@@ -22,7 +22,7 @@ class DataConfig:
     split: str = "test"  # test | val (mnist-lt, cifar*-lt: held out of the training pool, for tuning)
     batch_size: int = 128
     image_size: int = 224  # image files: training crop and evaluation centre crop (after resizing to 256/224 of it)
-    loader: str = "auto"  # auto | dali | device | torch (auto: device for arrays, DALI on a GPU, else torch)
+    loader: str = "auto"  # auto | dali | device | torch | nvjpeg (auto: arrays device; GPU dali, else nvjpeg; CPU torch)
     workers: int = -1  # DataLoader workers / DALI threads; -1 = the CPU cores this process may use
     skip_bad: bool = False  # skip (count and log) bad images and list lines instead of stopping
 
@@ -185,7 +185,7 @@ def load_config(path: str | None = None, overrides=None, base: Config | None = N
     return cfg
 
 
-CHOICES = {("amp",): ("none", "bf16", "fp16"), ("data", "loader"): ("auto", "dali", "device", "torch"),
+CHOICES = {("amp",): ("none", "bf16", "fp16"), ("data", "loader"): ("auto", "dali", "device", "torch", "nvjpeg"),
            ("student", "sampler"): ("balanced", "sqrt", "progressive", "instance")}
 
 

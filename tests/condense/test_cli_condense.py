@@ -28,6 +28,8 @@ def _check_results(out, methods, num_classes, budget):
             assert key in m, f"{name}: no '{key}' in {sorted(m)}"
         assert 0 <= m["all"] <= 100 and m["std"] >= 0
         assert len(m["per_class"]) == num_classes
+        # a balanced test split: overall accuracy is the mean of the per-class accuracies
+        assert abs(m["all"] - sum(m["per_class"]) / num_classes) < 1e-6, (name, m["all"], m["per_class"])
     assert r["budget"] == budget
     md = (out / "results.md").read_text()
     assert all(f"| {name} |" in md for name in methods), md

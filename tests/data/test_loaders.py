@@ -94,3 +94,4 @@ def test_context_trains_and_evaluates_on_image_files(tmp_path):
     model = train_teacher(ctx, "vanilla", seed=1)
     metrics = evaluate(model, ctx.test_loader(), ctx.splits.class_counts)
     assert set(metrics) >= {"all", "many", "medium", "few"} and 0 <= metrics["all"] <= 100
+    assert abs(metrics["all"] - sum(metrics["per_class"]) / 4) < 1e-6, metrics  # balanced test: mean of classes
