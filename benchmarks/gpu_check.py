@@ -92,9 +92,10 @@ class Check:
             self.bench("decode", "nvJPEG batched decode vs CPU decode", 75,
                        ["benchmarks/bench_data.py", "--only", "decode"], ["--quick"], csv="data"),
             self.bench("train", "ResNet-50 CBD_ENS step: plain vs fastcbd, MFU", 180,
-                       ["benchmarks/bench_train.py", "--only", "resnet50"], ["--quick"], gpu_extra=["--compile"]),
+                       ["benchmarks/bench_train.py", "--only", "resnet50", "--compile"],
+                       ["--quick", "--compile-budget", "5"], gpu_extra=["--time-budget", "165"]),
             self.bench("condense", "class-batched DM/DSA vs the per-class loop", 75,
-                       ["benchmarks/bench_condense.py"], ["--quick"]),
+                       ["benchmarks/bench_condense.py"], ["--quick"], gpu_extra=["--time-budget", "60"]),
         ]
 
     # (1) build -----------------------------------------------------------------------------------------

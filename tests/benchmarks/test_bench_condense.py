@@ -1,0 +1,51 @@
+"""Smoke test of benchmarks/bench_condense.py (the dry command of `make gpu-check`), and the check that its
+`auto_picks` label states the library's `matching: auto` rule."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root, not an installed one
+    sys.path.insert(0, str(ROOT))
+
+
+def test_bench_condense_quick_cpu(tmp_path):
+    out = tmp_path / "condense.csv"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_condense.py"), "--device", "cpu", "--quick", "--csv", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"bench_condense failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["algo"], r["variant"]) for r in rows] == [("dm", "loop"), ("dm", "batched"), ("dsa", "loop"),
+                                                         ("dsa", "batched")], rows
+    for loop, batched in zip(rows[::2], rows[1::2]):
+        for r in (loop, batched):
+            assert r["device"] == "cpu" and r["dataset"] == "mnist" and r["quick"] == "1", r
+            assert float(r["median_ms"]) > 0 and r["auto_picks"] == "loop", r
+        ratio = float(loop["median_ms"]) / float(batched["median_ms"])
+        assert math.isclose(float(batched["x_loop"]), ratio, rel_tol=1e-6), (loop, batched)
+        assert batched["faster"] == loop["faster"] == ("batched" if ratio > 1 else "loop"), (loop, batched)
+    assert "`matching: auto` runs loop here" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["on_cpu", "on_gpu"])  # no GPU needed: keep "cuda" out of the id
+def test_auto_picks_is_the_library_rule(monkeypatch, device):
+    """Runner.distiller's `loop` flag under matching=auto, captured without running anything (or a GPU)."""
+    import torch
+
+    from benchmarks.bench_condense import auto_matching
+    from fastcbd.condense import run
+
+    seen = {}
+    monkeypatch.setattr(run, "distill_dm", lambda *a, loop, **k: seen.setdefault("loop", loop))
+    runner = run.Runner.__new__(run.Runner)  # only cfg and bar are used by distiller
+    runner.cfg = run.CondenseConfig(device=device, matching="auto")
+    runner.bar = lambda *a, **k: contextlib.nullcontext()
+    runner.distiller("dm", 0, None)(None, None, 0, "all")
+    assert seen == {"loop": auto_matching(torch.device(device)) == "loop"}, (device, seen)
