@@ -1,7 +1,9 @@
 """The CBD losses as functions (mirrors torch.nn.functional). Formulas: DESIGN.md §1.1.
 
 Shapes are validated here, once, with errors that name the argument; the fused ops in fastcbd.ops
-(chosen by FASTCBD_BACKEND) assume valid input.
+(chosen by FASTCBD_BACKEND) assume valid shapes. Target values are range-checked by those ops' public
+functions (fastcbd.ops._common.check_target: a host sync, skipped under torch.compile and CUDA-graph capture,
+where a bad target gives a NaN loss instead).
 """
 from __future__ import annotations
 
@@ -57,16 +59,11 @@ def _check_classifier(features: torch.Tensor, weight, target=None) -> None:
     if target is None:
         return
     if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"target must be a 1-D int64 tensor of class indices, got {_shape(target)} "
+        raise ValueError(f"target must be a 1-D int64 (or int32) tensor of class indices, got {_shape(target)} "
                          f"{getattr(target, 'dtype', '')}")
     if target.shape[0] != features.shape[0]:
         raise ValueError(f"target has {target.shape[0]} entries but features has batch size {features.shape[0]}")
-    if not torch.compiler.is_compiling() and target.numel():
-        num_classes = weight.shape[0]
-        bad = (target < 0) | (target >= num_classes)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, C={num_classes})")
+    # the values ([0, C) or ignore_index) are checked by the op itself (fastcbd.ops._common.check_target)
 
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor, sigma: float = 20.0) -> torch.Tensor:
@@ -94,7 +91,8 @@ def cbd_loss(features: torch.Tensor, classifier_weight: torch.Tensor, target: to
     """The CBD student loss: mean_b (1-alpha) CE(sigma cos(f_b, w), y_b) + alpha beta (1 - <f_b, t_b>).
 
     features: (B, D) student projection after its ReLU, before normalisation; classifier_weight: (C, D),
-    not normalised; target: (B,) int64 in [0, C); teacher_features: K tensors (B, D_k), sum D_k = D.
+    not normalised; target: (B,) int64/int32 in [0, C) (-100: the row has no CE term, as F.cross_entropy's
+    default ignore_index); teacher_features: K tensors (B, D_k), sum D_k = D.
     Gradients flow to features and classifier_weight, never to the teachers.
     """
     from fastcbd.ops.cbd_loss import cbd_loss as _cbd_loss
@@ -108,10 +106,13 @@ def cbd_loss(features: torch.Tensor, classifier_weight: torch.Tensor, target: to
 def cosine_cross_entropy(features: torch.Tensor, classifier_weight: torch.Tensor, target: torch.Tensor, *,
                          sigma: float = 20.0, ignore_index: int = -100, label_smoothing: float = 0.0,
                          reduction: str = "mean") -> torch.Tensor:
-    """CE(sigma * cos(f, w_c), y) without materialising the full fp32 logits (fused, chunked)."""
+    """CE(sigma * cos(f, w_c), y) without materialising the full fp32 logits (fused, chunked).
+
+    target: (B,) int64/int32 in [0, C) or ignore_index; anything else is a ValueError naming it.
+    """
     from fastcbd.ops.cosine_ce import cosine_ce
 
-    _check_classifier(features, classifier_weight)
+    _check_classifier(features, classifier_weight, target)
     return cosine_ce(features, classifier_weight, target, sigma=sigma, ignore_index=ignore_index,
                      label_smoothing=label_smoothing, reduction=reduction)
 

@@ -118,3 +118,19 @@ def test_bad_input_names_the_argument(case, match):
         p = torch.rand(6, 12, 1)
     with pytest.raises(ValueError, match=match):
         Fc.cbd_loss(p, w, y, teachers)
+
+
+def test_cosine_cross_entropy_checks_its_target():
+    """Range-checked like cbd_loss (a ValueError naming the argument); ignore_index and int32 are accepted."""
+    g = torch.Generator().manual_seed(7)
+    p, w = torch.rand(5, 12, generator=g), torch.randn(4, 12, generator=g)
+    with pytest.raises(ValueError, match=r"target\[1\] = 4 is outside \[0, C=4\)"):
+        Fc.cosine_cross_entropy(p, w, torch.tensor([0, 4, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"target\[3\] = -1 is outside .* not ignore_index=-100"):
+        Fc.cosine_cross_entropy(p, w, torch.tensor([0, 3, 1, -1, 3]))
+    with pytest.raises(ValueError, match="target has 4 entries"):
+        Fc.cosine_cross_entropy(p, w, torch.tensor([0, 3, 1, 2]))
+    y = torch.tensor([0, 3, -100, 2, 1])
+    want = F.cross_entropy(20 * F.normalize(p, dim=1) @ F.normalize(w, dim=1).T, y)
+    _close("cosine_cross_entropy with an ignored row", Fc.cosine_cross_entropy(p, w, y), want.double(), 1e-5)
+    _close("int32 target", Fc.cosine_cross_entropy(p, w, y.int()), want.double(), 1e-5)

@@ -13,6 +13,9 @@ namespace fastcbd {
 // Norms are clamped below as in F.normalize.
 constexpr double kNormEps = 1e-12;
 
+// cbd_loss_fwd leaves rows with this target out of its CE term (F.cross_entropy's default ignore_index).
+constexpr int64_t kCbdIgnoreIndex = -100;
+
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
@@ -35,17 +38,29 @@ inline at::Tensor rows_dense(const at::Tensor& t) {
 }
 
 // The shape checks shared by the cosine-classifier ops (cosine_ce, cbd_loss) on every device: p (B, D),
-// w (C >= 1, D), target int64 (B,), chunk_size >= 0. Dtypes and devices are the caller's to check.
+// w (C >= 1, D), target int64 or int32 (B,), chunk_size >= 0. Dtypes and devices are the caller's to check.
+// Target values are not checked (that would need a device sync on a GPU): the row kernels mask a target
+// outside [0, C) that is not ignore_index, giving its row a NaN loss and NaN gradients (docs/ops.md).
 inline void check_classifier_shapes(const at::Tensor& p, const at::Tensor& w, const at::Tensor& target,
                                     int64_t chunk_size) {
   check_dim(p, 2, "p");
   check_dim(w, 2, "w");
   TORCH_CHECK(p.size(1) == w.size(1), "p is (B, ", p.size(1), ") but w is (C, ", w.size(1), ")");
   TORCH_CHECK(w.size(0) > 0, "w must have at least one class");
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == p.size(0),
-              "target must be an int64 tensor of shape (B,) = (", p.size(0), "), got ", target.scalar_type(), " ",
-              target.sizes());
+  TORCH_CHECK((target.scalar_type() == at::kLong || target.scalar_type() == at::kInt) && target.dim() == 1 &&
+                  target.size(0) == p.size(0),
+              "target must be an int64 or int32 tensor of shape (B,) = (", p.size(0), "), got ", target.scalar_type(),
+              " ", target.sizes());
   TORCH_CHECK(chunk_size >= 0, "chunk_size must be >= 0 (0 = automatic)");
+}
+
+// The kernels read int64 targets: an int32 target is converted here (B elements, on its device, no sync).
+inline at::Tensor target_int64(const at::Tensor& target) { return target.to(at::kLong).contiguous(); }
+
+// cosine_ce_fwd's scale: a one-element float tensor (0-dim), so that 1/n_valid can stay on the device.
+inline void check_scale(const at::Tensor& scale) {
+  TORCH_CHECK(scale.defined() && scale.numel() == 1 && at::isFloatingType(scale.scalar_type()),
+              "scale must be a one-element float tensor, got ", scale.defined() ? scale.sizes() : at::IntArrayRef{});
 }
 
 inline int64_t row_stride(const at::Tensor& t) { return t.stride(0); }

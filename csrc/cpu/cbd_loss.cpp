@@ -20,9 +20,11 @@ namespace fastcbd {
 namespace cpu {
 namespace {
 
+// Returns (ce, distill): ce the mean over the n_valid rows whose target is not kCbdIgnoreIndex (0/0 = NaN
+// when there are none, as F.cross_entropy), distill the mean over all B rows.
 template <typename acc_t>
 std::pair<double, double> cbd_impl(const at::Tensor& p, const at::Tensor& w, const at::Tensor& target,
-                                   const std::vector<at::Tensor>& teachers, double alpha, double beta,
+                                   const std::vector<at::Tensor>& teachers, double alpha, double beta, int64_t n_valid,
                                    const ClassifierParams& P, at::Tensor& grad_p, at::Tensor& grad_w) {
   const int64_t B = p.size(0), D = p.size(1);
   std::vector<acc_t> rp(B), ce_rows(B), s_rows(B), dist_rows(B);
@@ -48,7 +50,7 @@ std::pair<double, double> cbd_impl(const at::Tensor& p, const at::Tensor& w, con
     });
   };
   cosine_classifier<acc_t>(p, w, target, P, rp.data(), ce_rows.data(), s_rows.data(), grad_p, grad_w, finish);
-  return {ordered_sum(ce_rows.data(), B) / static_cast<double>(B),
+  return {ordered_sum(ce_rows.data(), B) / static_cast<double>(n_valid),
           ordered_sum(dist_rows.data(), B) / static_cast<double>(B)};
 }
 
@@ -58,20 +60,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbd_loss_
   check_float_input(p_in, "p");
   check_float_input(w_in, "w");
   check_classifier_shapes(p_in, w_in, target_in, chunk_size);
-  TORCH_CHECK(p_in.size(0) > 0, "cbd_loss_fwd needs at least one row (its terms are batch means)");
-  const at::Tensor p = rows_dense(p_in), w = rows_dense(w_in), target = target_in.contiguous();
+  const at::Tensor p = rows_dense(p_in), w = rows_dense(w_in), target = target_int64(target_in);
   const std::vector<at::Tensor> teachers = check_teachers(teachers_in, p);
   const int64_t B = p.size(0), C = w.size(0), D = p.size(1);
-  check_targets(target, C, /*ignore_index=*/std::nullopt);
+  int64_t n_valid = 0;  // rows with a CE term (on the host: the target is a CPU tensor)
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) n_valid += y[b] != kCbdIgnoreIndex;
   const bool dbl = p.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble;
   const auto opts = p.options().dtype(dbl ? at::kDouble : at::kFloat);
   at::Tensor grad_p = compute_grad ? at::empty({B, D}, opts) : at::empty({0}, opts);
   at::Tensor grad_w = compute_grad ? at::empty({C, D}, opts) : at::empty({0}, opts);
-  // The classifier's scale makes its gradient that of (1 - alpha) * ce; no target is ignored.
-  const ClassifierParams P{sigma, std::numeric_limits<int64_t>::min(), 0.0, (1.0 - alpha) / static_cast<double>(B),
-                           compute_grad, chunk_size};
-  const auto [ce, distill] = dbl ? cbd_impl<double>(p, w, target, teachers, alpha, beta, P, grad_p, grad_w)
-                                 : cbd_impl<float>(p, w, target, teachers, alpha, beta, P, grad_p, grad_w);
+  // The classifier's scale makes its gradient that of (1 - alpha) * ce, ce the mean over the n_valid rows
+  // whose target is not kCbdIgnoreIndex (B = 0 or n_valid = 0: NaN terms, as the reference's empty means).
+  const ClassifierParams P{sigma, kCbdIgnoreIndex, 0.0, (1.0 - alpha) / static_cast<double>(n_valid), compute_grad,
+                           chunk_size};
+  const auto [ce, distill] = dbl ? cbd_impl<double>(p, w, target, teachers, alpha, beta, n_valid, P, grad_p, grad_w)
+                                 : cbd_impl<float>(p, w, target, teachers, alpha, beta, n_valid, P, grad_p, grad_w);
   const double loss = (1.0 - alpha) * ce + alpha * beta * distill;
   return {at::full({}, loss, opts), at::full({}, ce, opts), at::full({}, distill, opts), grad_p, grad_w};
 }

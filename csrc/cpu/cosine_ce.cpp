@@ -46,13 +46,15 @@ double cosine_ce_impl(const at::Tensor& p, const at::Tensor& w, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_ce_fwd_cpu(const at::Tensor& p_in, const at::Tensor& w_in,
                                                                  const at::Tensor& target_in, double sigma,
                                                                  int64_t ignore_index, double label_smoothing,
-                                                                 double scale, bool compute_grad, int64_t chunk_size) {
+                                                                 const at::Tensor& scale_t, bool compute_grad,
+                                                                 int64_t chunk_size) {
   check_float_input(p_in, "p");
   check_float_input(w_in, "w");
   check_classifier_shapes(p_in, w_in, target_in, chunk_size);
-  const at::Tensor p = rows_dense(p_in), w = rows_dense(w_in), target = target_in.contiguous();
+  check_scale(scale_t);
+  const double scale = scale_t.item<double>();  // a CPU tensor here: no device sync
+  const at::Tensor p = rows_dense(p_in), w = rows_dense(w_in), target = target_int64(target_in);
   const int64_t B = p.size(0), C = w.size(0), D = p.size(1);
-  check_targets(target, C, ignore_index);
   const bool dbl = p.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble;
   const auto opts = p.options().dtype(dbl ? at::kDouble : at::kFloat);
   at::Tensor grad_p = compute_grad ? at::empty({B, D}, opts) : at::empty({0}, opts);
@@ -70,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_ce_fwd_cpu(const at::Tenso
 TORCH_LIBRARY_FRAGMENT(fastcbd_C, m) {
   m.def(
       "cosine_ce_fwd(Tensor p, Tensor w, Tensor target, float sigma, int ignore_index, float label_smoothing, "
-      "float scale, bool compute_grad, int chunk_size) -> (Tensor loss, Tensor grad_p, Tensor grad_w)");
+      "Tensor scale, bool compute_grad, int chunk_size) -> (Tensor loss, Tensor grad_p, Tensor grad_w)");
 }
 
 TORCH_LIBRARY_IMPL(fastcbd_C, CPU, m) { m.impl("cosine_ce_fwd", &fastcbd::cpu::cosine_ce_fwd_cpu); }

@@ -51,15 +51,6 @@ void row_norms(const at::Tensor& x, acc_t* rinv, uint8_t* unclamped) {
   });
 }
 
-inline void check_targets(const at::Tensor& target, int64_t C, std::optional<int64_t> ignore_index) {
-  const int64_t* y = target.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < target.numel(); ++b) {
-    if (ignore_index && y[b] == *ignore_index) continue;
-    TORCH_CHECK(y[b] >= 0 && y[b] < C, "target[", b, "] = ", y[b], " is outside [0, ", C, ")",
-                ignore_index ? " and is not ignore_index" : "");
-  }
-}
-
 // One row of the fused pass, in place on the raw dots z (C,) of a row that is not ignored: returns
 // the unscaled loss l_b and, when computing gradients, writes E' over z and s_b into *s.
 template <typename acc_t>
@@ -108,7 +99,9 @@ static inline double classifier_row(double* z, int64_t C, const double* rw, int6
 }
 
 // The fused row pass over a chunk of raw dots S (n, C), in place. Writes loss_rows (unscaled row
-// losses l_b) and, when computing gradients, E' into S and s_b into s_rows.
+// losses l_b) and, when computing gradients, E' into S and s_b into s_rows. A row whose target is
+// ignore_index gets 0 everywhere; one whose target is outside [0, C) (and not ignore_index) is masked,
+// never read out of bounds: NaN loss, NaN E' row and s_b (so NaN gradients), as on CUDA and in Triton.
 template <typename acc_t>
 void classifier_rows(acc_t* S, int64_t n, int64_t C, const acc_t* rp, const acc_t* rw, const int64_t* y,
                      const ClassifierParams& P, acc_t* loss_rows, acc_t* s_rows) {
@@ -118,11 +111,12 @@ void classifier_rows(acc_t* S, int64_t n, int64_t C, const acc_t* rp, const acc_
   at::parallel_for(0, n, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* z = S + b * C;
-      if (y[b] == P.ignore_index) {
-        loss_rows[b] = 0;
+      if (y[b] == P.ignore_index || y[b] < 0 || y[b] >= C) {
+        const acc_t v = y[b] == P.ignore_index ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+        loss_rows[b] = v;
         if (P.compute_grad) {
-          s_rows[b] = 0;
-          std::fill(z, z + C, acc_t(0));
+          s_rows[b] = v;
+          std::fill(z, z + C, v);
         }
         continue;
       }

@@ -30,7 +30,8 @@ __global__ void row_norms_kernel(Rows x, int64_t D, float* __restrict__ rinv, ui
 // come from a per-thread online (max, sum e, sum e z) merged over the block; when computing
 // gradients a second pass overwrites S with
 //   E'_c = scale sigma rp_b rw_c (softmax_c - (1 - ls) [c == y] - ls / C)
-// and s_rows[b] = sum_c dz_c z_c. A target outside [0, C) that is not ignore_index gives a NaN loss.
+// and s_rows[b] = sum_c dz_c z_c. A target outside [0, C) that is not ignore_index is masked (never
+// read): its row gets a NaN loss, NaN E' and NaN s_b, hence NaN gradients (the CPU and Triton agree).
 __global__ void classifier_rows_kernel(float* __restrict__ S, int64_t C, const float* __restrict__ rp,
                                        const float* __restrict__ rw, const int64_t* __restrict__ y, ClassifierArgs a,
                                        float* __restrict__ loss_rows, float* __restrict__ s_rows) {
@@ -38,16 +39,16 @@ __global__ void classifier_rows_kernel(float* __restrict__ S, int64_t C, const f
   const int64_t b = blockIdx.x;
   float* z = S + b * C;
   const int64_t yb = y[b];
-  if (yb == a.ignore_index) {
+  if (yb == a.ignore_index || yb < 0 || yb >= C) {
+    const float v = yb == a.ignore_index ? 0.f : __int_as_float(0x7fc00000);  // 0, or a quiet NaN
     if (threadIdx.x == 0) {
-      loss_rows[b] = 0.f;
-      if (a.compute_grad) s_rows[b] = 0.f;
+      loss_rows[b] = v;
+      if (a.compute_grad) s_rows[b] = v;
     }
     if (a.compute_grad)
-      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) z[c] = 0.f;
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) z[c] = v;
     return;
   }
-  const bool valid = yb >= 0 && yb < C;
   const float k = a.sigma * rp[b];
 
   float m = -INFINITY, Z = 0.f, A = 0.f, zsum = 0.f;
@@ -71,15 +72,15 @@ __global__ void classifier_rows_kernel(float* __restrict__ S, int64_t C, const f
   block_sum<3>(v3, smem);
   const float Zt = v3[0], At = v3[1], zmean = v3[2] / static_cast<float>(C);
   const float ls = a.label_smoothing;
-  const float zy = valid ? k * rw[yb] * z[yb] : NAN;
+  const float zy = k * rw[yb] * z[yb];
   const float lse = M + logf(Zt);
   if (threadIdx.x == 0) {
     loss_rows[b] = (1.f - ls) * (lse - zy) + ls * (lse - zmean);
-    if (a.compute_grad) s_rows[b] = a.scale * (At / Zt - (1.f - ls) * zy - ls * zmean);
+    if (a.compute_grad) s_rows[b] = *a.scale * (At / Zt - (1.f - ls) * zy - ls * zmean);
   }
   if (!a.compute_grad) return;
   __syncthreads();  // every thread has read z[yb] before it is overwritten
-  const float invZ = 1.f / Zt, ks = a.scale * k, off = ls / static_cast<float>(C);
+  const float invZ = 1.f / Zt, ks = *a.scale * k, off = ls / static_cast<float>(C);
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const float kc = ks * rw[c];
     const float e = __expf(k * rw[c] * z[c] - M) * invZ;

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_distill_fwd_cuda(const at::Tensor& p_i
   C10_CUDA_CHECK(launch_cosine_distill(rows_of(p), B, D, teacher_rows_of(teachers), static_cast<float>(scale),
                                        loss_rows.data_ptr<float>(), compute_grad ? grad.data_ptr<float>() : nullptr,
                                        stream));
-  C10_CUDA_CHECK(launch_scaled_sum(loss_rows.const_data_ptr<float>(), B, scale, loss.data_ptr<float>(), stream));
+  C10_CUDA_CHECK(launch_scaled_sum(loss_rows.const_data_ptr<float>(), B, scale, nullptr, loss.data_ptr<float>(), stream));
   return {loss, grad};
 }
 

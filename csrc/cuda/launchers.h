@@ -31,8 +31,10 @@ struct TeacherRows {
   int K;
 };
 
-// Sums n fp32 values in a fixed order (deterministic) and writes scale * sum to out[0].
-cudaError_t launch_scaled_sum(const float* values, int64_t n, double scale, float* out, cudaStream_t stream);
+// Sums n fp32 values in a fixed order (deterministic) and writes scale * sum to out[0], times
+// dev_scale[0] (a device value, read without a host sync) when dev_scale is not null.
+cudaError_t launch_scaled_sum(const float* values, int64_t n, double scale, const float* dev_scale, float* out,
+                              cudaStream_t stream);
 
 // cosine_distill_fwd: loss_rows[b] = 1 - <f_b, t_b>; grad (B, D) fp32 or nullptr.
 cudaError_t launch_cosine_distill(Rows p, int64_t B, int64_t D, const TeacherRows& teachers, float scale,
@@ -47,7 +49,7 @@ struct ClassifierArgs {
   float sigma;
   int64_t ignore_index;
   float label_smoothing;
-  float scale;
+  const float* scale;  // device pointer to the gradient's scale (1/n_valid x a weight): no host sync
   bool compute_grad;
 };
 cudaError_t launch_classifier_rows(float* S, int64_t n, int64_t C, const float* rp, const float* rw, const int64_t* y,

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> multi_teacher_kd_fwd_cuda(const at::Tensor& z
                                          static_cast<float>(tau), static_cast<float>(scale),
                                          loss_rows.data_ptr<float>(), compute_grad ? grad.data_ptr<float>() : nullptr,
                                          stream));
-  C10_CUDA_CHECK(launch_scaled_sum(loss_rows.const_data_ptr<float>(), B, scale, loss.data_ptr<float>(), stream));
+  C10_CUDA_CHECK(launch_scaled_sum(loss_rows.const_data_ptr<float>(), B, scale, nullptr, loss.data_ptr<float>(), stream));
   return {loss, grad};
 }
 

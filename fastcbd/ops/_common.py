@@ -72,6 +72,31 @@ def _plain_eager(t: torch.Tensor) -> bool:
             and not torch._is_functional_tensor(t))
 
 
+def check_target(target, num_classes: int, ignore_index: int | None = None, name: str = "target") -> None:
+    """ValueError naming `name` unless target is a 1-D int64/int32 tensor with every entry in [0, C) or
+    equal to ignore_index.
+
+    The range check reads the tensor on the host (a device sync on a GPU), so it is skipped where that is
+    impossible: while torch.compile traces (a data-dependent branch) and while a CUDA graph is captured.
+    There the kernels mask a bad target instead: its row gets a NaN loss and NaN gradients (docs/ops.md).
+    """
+    if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
+        shape = "x".join(map(str, target.shape)) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"{name} must be a 1-D int64 (or int32) tensor of class indices, got {shape} "
+                         f"{getattr(target, 'dtype', '')}")
+    if target.numel() == 0 or not _plain_eager(target) or target.device.type == "meta":
+        return
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        also = f" and is not ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise ValueError(f"{name}[{i}] = {int(target[i])} is outside [0, C={num_classes}){also}")
+
+
 def rowmajor(x: torch.Tensor) -> torch.Tensor:
     """`x` with unit stride along its last dim (the kernels take a row stride, not a column stride)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -116,13 +141,33 @@ def triton_interpreting() -> bool:
     return isinstance(triton.language.zeros, InterpretedFunction)
 
 
+def launch_device(args) -> torch.device | None:
+    """The device of the first CUDA tensor among a launch's arguments (tuples of tensors included)."""
+    for a in args:
+        if isinstance(a, (tuple, list)):
+            dev = launch_device(a)
+            if dev is not None:
+                return dev
+        elif isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return a.device
+    return None
+
+
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    skip = False
-    for hook in LAUNCH_HOOKS:
-        skip = bool(hook(kernel, grid, args, kwargs)) or skip
-    if skip:
-        return
-    kernel[grid](*args, **kwargs)
+    """kernel[grid](*args, **kwargs) on the device of its tensors.
+
+    Triton launches on the *current* device (and its current stream), not on the tensors' device: without
+    the guard, tensors on cuda:1 with cuda:0 current would run on the wrong GPU (an illegal address, or
+    worse, a silently wrong stream). The hooks run inside the guard, so they see the launch's device.
+    """
+    dev = launch_device(args)
+    with torch.cuda.device(dev) if dev is not None else contextlib.nullcontext():
+        skip = False
+        for hook in LAUNCH_HOOKS:
+            skip = bool(hook(kernel, grid, args, kwargs)) or skip
+        if skip:
+            return
+        kernel[grid](*args, **kwargs)
 
 
 def next_pow2(n: int, lo: int = 16, hi: int = 1024) -> int:

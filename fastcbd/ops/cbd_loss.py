@@ -7,8 +7,9 @@
 
 Both terms depend on p only through f, so their gradients w.r.t. f are summed (the distillation kernel
 writes its term un-projected into the gradient buffer, the CE chunks add theirs) and pushed through the
-normalisation of p once. p (B, D), w (C, D) fp32/bf16/fp16, target (B,) int64 (every row counts),
-teachers K x (B, D_k) with sum D_k = D.
+normalisation of p once. p (B, D), w (C, D) fp32/bf16/fp16, target (B,) int64/int32, teachers K x (B, D_k)
+with sum D_k = D. A target equal to -100 (F.cross_entropy's default ignore_index, as in cbd_loss_ref) leaves
+its row out of the CE term (averaged over the other rows) but not out of the distillation term.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from fastcbd.ops import _common, cosine_ce, cosine_distill
 
 __all__ = ["cbd_loss", "cbd_loss_ref"]
+
+IGNORE_INDEX = -100  # rows with this target have no CE term (F.cross_entropy's default, as in cbd_loss_ref)
 
 
 def cbd_loss_ref(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, teachers: list[torch.Tensor], *,
@@ -34,7 +37,7 @@ def _fused_fwd(p, w, target, teachers, alpha, beta, sigma, compute_grad, chunk_s
     distill, grad_p = distill_fwd(p, teachers, scale, compute_grad, grad_scale=alpha * beta * scale,
                                   project=False)
     ce, grad_p, grad_w = cosine_ce._fused_fwd(
-        p, w, target, sigma, -100, 0.0, True, compute_grad, chunk_size, use_triton,
+        p, w, target, sigma, IGNORE_INDEX, 0.0, True, compute_grad, chunk_size, use_triton,
         grad_weight=1.0 - alpha, grad_p=grad_p if compute_grad else None,
     )
     loss = (1.0 - alpha) * ce + (alpha * beta) * distill
@@ -101,10 +104,12 @@ def cbd_loss(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, teachers: l
     """(1 - alpha) CE(sigma cos(p, w), y) + alpha beta mean(1 - <f, t>) as a 0-dim fp32 tensor.
 
     p (B, D) student projection (after its ReLU, not normalised), w (C, D) classifier weight (not
-    normalised), target (B,) int64, teachers K x (B, D_k) raw pooled features (no gradient).
+    normalised), target (B,) int64/int32 in [0, C), or -100 to leave the row out of the CE term (ValueError
+    otherwise), teachers K x (B, D_k) raw pooled features (no gradient).
     return_parts=True returns (loss, ce, distill): the two terms come detached, for logging.
     chunk_size: rows per CE chunk, 0 = automatic.
     """
+    _common.check_target(target, w.shape[0], IGNORE_INDEX)
     loss, ce, distill, _, _ = _cbd_loss_op(p, w, target, list(teachers), float(alpha), float(beta),
                                            float(sigma), _common.needs_grad(p, w), int(chunk_size))
     return (loss, ce, distill) if return_parts else loss

@@ -4,7 +4,7 @@
     l_b  = (1 - ls) (lse_b - z_{b,y_b}) + ls (lse_b - mean_c z_bc),     0 where y_b == ignore_index
     loss = sum_b l_b / n_valid  ("mean")  or  sum_b l_b  ("sum")
 
-p (B, D), w (C, D) fp32/bf16/fp16, target (B,) int64. The rows go through in chunks: per chunk one GEMM
+p (B, D), w (C, D) fp32/bf16/fp16, target (B,) int64/int32. The rows go through in chunks: per chunk one GEMM
 gives the raw dots S = p_c W^T (chunk, C) fp32, a Triton kernel (or its PyTorch twin) turns them into dL/dS
 (softmax, lse, label smoothing, ignore_index and the normalisation scales), and two GEMMs accumulate the
 unprojected gradients G W and G^T p_c. A last pass removes from each row of those its component along
@@ -42,23 +42,27 @@ if triton is not None:
     @triton.jit
     def _cosine_ce_rows_kernel(
         s_ptr, stride_s,  # (R, C) fp32: raw dots in, dL/dS out (in place)
-        target_ptr, inv_np_ptr, inv_nw_ptr,  # (R,) int64, (R,) fp32, (C,) fp32
-        loss_ptr,  # (R,) fp32: unscaled per-row loss, 0 for ignored rows
+        target_ptr, inv_np_ptr, inv_nw_ptr,  # (R,) int64 or int32, (R,) fp32, (C,) fp32
+        loss_ptr,  # (R,) fp32: unscaled per-row loss, 0 for ignored rows, NaN for a target outside [0, C)
         scale_ptr,  # 0-dim fp32 on the device: the gradient's scale (1/n_valid or 1, x a loss weight)
         C, sigma, ignore_index, label_smoothing,
         BLOCK_C: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * stride_s
-        y = tl.load(target_ptr + row)
-        valid = y != ignore_index
-        y_safe = tl.where(valid, y, 0)
+        y = tl.load(target_ptr + row).to(tl.int64)
+        ignored = y == ignore_index
+        bad = ((y < 0) | (y >= C)) & (y != ignore_index)
         a = sigma * tl.load(inv_np_ptr + row)  # z = s * a * inv_nw
         cols = tl.arange(0, BLOCK_C)
-        # pass 1: online max / sum-exp (the lse), and the sum of z for label smoothing
+        # pass 1: online max / sum-exp (the lse), the sum of z for label smoothing, and z_y. z_y is picked
+        # out here, not loaded after the loop: pass 2 overwrites the row in place, and another warp may
+        # already be writing s[y] while this one would still read it (no barrier orders the two).
+        # A target outside [0, C) never matches, so nothing is read out of bounds.
         m = -float("inf")
         l = 0.0
         z_sum = 0.0
+        z_y = 0.0
         for start in range(0, C, BLOCK_C):
             offs = start + cols
             mask = offs < C
@@ -69,13 +73,15 @@ if triton is not None:
             l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
             z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            z_y += tl.sum(tl.where(mask & (offs == y), z, 0.0), axis=0)
         lse = m + tl.log(l)
-        z_y = tl.load(s_row + y_safe) * a * tl.load(inv_nw_ptr + y_safe)
         loss = (1.0 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - z_sum / C)
-        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+        loss = tl.where(bad, float("nan"), loss)
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
         if COMPUTE_GRAD:
             # dL/dz = scale (softmax - (1-ls) onehot - ls/C); dL/dS = dL/dz * a * inv_nw
-            coef = tl.where(valid, tl.load(scale_ptr), 0.0)
+            coef = tl.where(ignored, 0.0, tl.load(scale_ptr))
+            coef = tl.where(bad, float("nan"), coef)
             for start in range(0, C, BLOCK_C):
                 offs = start + cols
                 mask = offs < C
@@ -145,20 +151,99 @@ def _rows_torch(s, target, inv_np, inv_nw, loss_rows, scale, sigma, ignore_index
     a = sigma * inv_np
     z = s * a[:, None] * inv_nw[None, :]
     lse = torch.logsumexp(z, dim=1)
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))[:, None]
+    ignored = target == ignore_index
+    bad = ((target < 0) | (target >= C)) & ~ignored  # masked like the kernel's: NaN loss and gradient row
+    y = torch.where(ignored | bad, torch.zeros_like(target), target).long()[:, None]
     loss = (1.0 - ls) * (lse - z.gather(1, y)[:, 0]) + ls * (lse - z.mean(dim=1))
-    loss_rows.copy_(torch.where(valid, loss, torch.zeros_like(loss)))
+    loss = loss.masked_fill(bad, float("nan"))
+    loss_rows.copy_(torch.where(ignored, torch.zeros_like(loss), loss))
     if compute_grad:
         dz = torch.softmax(z, dim=1).sub_(ls / C)
         dz.scatter_add_(1, y, torch.full_like(z[:, :1], ls - 1.0))
-        coef = torch.where(valid, scale, torch.zeros_like(scale)) * a
+        coef = torch.where(ignored, torch.zeros_like(scale), scale).masked_fill(bad, float("nan")) * a
         s.copy_(dz.mul_(coef[:, None]).mul_(inv_nw[None, :]))
 
 
 def auto_chunk(B: int, C: int, D: int) -> int:
     """Rows per chunk: the chunk's fp32 logits no larger than the (B, D) input (Liger's rule)."""
     return max(1, math.ceil(B / max(1, math.ceil(C / max(D, 1)))))
+
+
+# Devices on which bf16 p and w feed the three GEMMs directly (tensor cores, fp32 accumulation and output):
+# in fp32 they cannot keep up with torch.compile's bf16 GEMMs. CPU keeps its fp32 GEMMs for now (without
+# AMX bf16 GEMMs are no faster; with AMX they measured 3-5x fp32, not yet measured through this op); the
+# tests add "cpu" to run the low-precision path without a GPU.
+LOW_PRECISION_GEMM_DEVICES: set[str] = {"cuda"}
+
+
+def gemm_dtype(p: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """Input dtype of the fused path's GEMMs: bfloat16 when p and w are both bf16 on a device listed in
+    LOW_PRECISION_GEMM_DEVICES, else float32 (fp32 inputs stay exact; mixed dtypes, autocast's bf16 p with
+    an fp32 weight, and fp16 run fp32 GEMMs).
+
+    Precision of the bf16 path: the logits S = p W^T are what fp32 GEMMs of the upcast inputs give
+    (bf16 x bf16 products are exact in fp32 and summed in fp32), so the loss does not change. dL/dS is
+    rounded to bf16 for the two gradient GEMMs, as autocast and torch.compile do: a relative error of at
+    most 2^-9 per element, no more than the rounding of the bf16 gradients returned. fp16 is left out on
+    purpose: dL/dS = dL/dz sigma / (||p|| ||w_c||) / B falls below fp16's normal range (6e-5) for most
+    classes, and the op runs before a GradScaler's scale reaches it.
+    """
+    if p.dtype == w.dtype == torch.bfloat16 and p.device.type in LOW_PRECISION_GEMM_DEVICES:
+        return torch.bfloat16
+    return torch.float32
+
+
+_OUT_DTYPE_GEMMS: dict[str, tuple[bool, bool]] = {}
+
+
+def _out_dtype_gemms(device_type: str) -> tuple[bool, bool]:
+    """(mm, addmm): whether this torch runs bf16 x bf16 -> fp32 GEMMs (`out_dtype=torch.float32`, the
+    fp32 accumulator as addmm's `self` and `out`) on the device. Probed once on 1 x 1 tensors, the value
+    checked: the overloads exist on CUDA since torch 2.8 and not on CPU, and the dtype addmm accepts for
+    `self` has changed between versions. Not probed during a CUDA graph capture (the check syncs): the
+    upcast path serves that call and the next call outside a capture probes."""
+    if device_type in _OUT_DTYPE_GEMMS:
+        return _OUT_DTYPE_GEMMS[device_type]
+    if device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False, False
+    one = torch.ones(1, 1, device=device_type, dtype=torch.bfloat16)
+    acc = torch.ones(1, 1, device=device_type, dtype=torch.float32)
+    try:
+        mm_ok = torch.mm(one, one, out_dtype=torch.float32).item() == 1.0
+    except (RuntimeError, TypeError, NotImplementedError):
+        mm_ok = False
+    addmm_ok = False
+    if mm_ok:
+        try:
+            addmm_ok = torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc).item() == 2.0
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    _OUT_DTYPE_GEMMS[device_type] = (mm_ok, addmm_ok)
+    return mm_ok, addmm_ok
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: bool = False) -> None:
+    """out = a @ b, or out += a @ b when accumulate; out (m, n) float32, a (m, k) and b (k, n) fp32 or bf16.
+
+    bf16: fp32 accumulation and output, in one cuBLAS call where torch has the out_dtype GEMMs; elsewhere
+    (CPU when the tests force this path, a torch before 2.8) the same numbers from fp32 GEMMs of upcast
+    copies.
+    """
+    if a.dtype != torch.float32:
+        mm_ok, addmm_ok = _out_dtype_gemms(a.device.type)
+        if mm_ok and not accumulate:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        elif mm_ok and addmm_ok:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        elif mm_ok:
+            out.add_(torch.mm(a, b, out_dtype=torch.float32))
+        if mm_ok:
+            return
+        a, b = a.float(), b.float()
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
 
 
 def _fused_fwd(p, w, target, sigma, ignore_index, label_smoothing, mean, compute_grad, chunk_size, use_triton,
@@ -174,7 +259,8 @@ def _fused_fwd(p, w, target, sigma, ignore_index, label_smoothing, mean, compute
     dev = p.device
     # 0-dim device tensor, so "mean" needs no host sync; 1/0 = inf gives PyTorch's NaN loss, 0 gradient
     scale = 1.0 / (target != ignore_index).sum().float() if mean else torch.ones((), device=dev)
-    w32 = w.float()  # the GEMMs run in fp32 (no copy when w is fp32, the autocast case)
+    gd = gemm_dtype(p, w)  # bf16 on CUDA when p and w are bf16, else fp32 (see gemm_dtype)
+    wg = w.to(gd)  # no copy when w is already in that dtype (fp32: the autocast case; bf16 on CUDA)
     inv_nw, inv_np = _common.inv_norms(w), _common.inv_norms(p)
     rows = _rows_triton if use_triton else _rows_torch
     project = _project_rows_triton if use_triton else _common.project_rows_torch
@@ -187,24 +273,22 @@ def _fused_fwd(p, w, target, sigma, ignore_index, label_smoothing, mean, compute
     grad_w = torch.empty((C, D) if compute_grad else (0,), device=dev, dtype=torch.float32)
     if compute_grad and B == 0:
         grad_w.zero_()
-    chunk = min(B, chunk_size if chunk_size > 0 else auto_chunk(B, C, D))
+    chunk = max(1, min(B, chunk_size if chunk_size > 0 else auto_chunk(B, C, D)))  # >= 1: B = 0 runs no chunk
     s_buf = torch.empty((chunk, C), device=dev, dtype=torch.float32) if B else None
+    # dL/dS rounded to the GEMM dtype for the two gradient GEMMs (bf16 path only)
+    lp_grad = B and compute_grad and gd != torch.float32
+    s_lp_buf = torch.empty((chunk, C), device=dev, dtype=gd) if lp_grad else None
     for r0 in range(0, B, chunk):
         r1 = min(B, r0 + chunk)
-        pc = p[r0:r1].float()
+        pc = p[r0:r1].to(gd)
         s = s_buf[: r1 - r0]
-        torch.mm(pc, w32.t(), out=s)
+        _mm_f32(pc, wg.t(), s)
         rows(s, target[r0:r1], inv_np[r0:r1], inv_nw, loss_rows[r0:r1], grad_scale, sigma, ignore_index,
              label_smoothing, compute_grad)
         if compute_grad:
-            if accumulate:
-                grad_p[r0:r1].addmm_(s, w32)
-            else:
-                torch.mm(s, w32, out=grad_p[r0:r1])
-            if r0 == 0:
-                torch.mm(s.t(), pc, out=grad_w)
-            else:
-                grad_w.addmm_(s.t(), pc)
+            sg = s if s_lp_buf is None else s_lp_buf[: r1 - r0].copy_(s)
+            _mm_f32(sg, wg, grad_p[r0:r1], accumulate=accumulate)
+            _mm_f32(sg.t(), pc, grad_w, accumulate=r0 > 0)
     if compute_grad:
         project(grad_p, p, inv_np)
         project(grad_w, w, inv_nw)
@@ -215,9 +299,10 @@ def _forward(p, w, target, sigma, ignore_index, label_smoothing, mean, compute_g
     args = (p, w, target, sigma, ignore_index, label_smoothing, mean, compute_grad, chunk_size)
 
     def compiled():
-        # the compiled op takes the scale as a number: one host sync for "mean" on a GPU
-        n_valid = int((target != ignore_index).sum()) if mean else 1
-        scale = 1.0 / n_valid if n_valid else float("nan")
+        # the scale is a 0-dim tensor on the device (1/n_valid for "mean"): no host sync, so the op can be
+        # captured in a CUDA graph; all rows ignored gives 1/0 = inf, hence PyTorch's NaN loss
+        dev = p.device
+        scale = 1.0 / (target != ignore_index).sum().float() if mean else torch.ones((), device=dev)
         return torch.ops.fastcbd_C.cosine_ce_fwd(p, w, target, sigma, ignore_index, label_smoothing, scale,
                                                  compute_grad, chunk_size)
 
@@ -265,16 +350,18 @@ def cosine_ce(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, *, sigma: 
               chunk_size: int = 0) -> torch.Tensor:
     """Cross-entropy of the cosine classifier sigma * cos(p_b, w_c), fused; 0-dim fp32 loss.
 
-    p (B, D) features (un-normalised), w (C, D) class weights (un-normalised), target (B,) int64.
+    p (B, D) features (un-normalised), w (C, D) class weights (un-normalised), target (B,) int64 or int32
+    in [0, C) or ignore_index (else ValueError; see _common.check_target for when that is not checked).
     reduction "mean" (over non-ignored rows) or "sum" run fused; "none" returns the (B,) fp32 per-row
     losses through the plain reference (the fused op saves one combined gradient, which a per-row
     upstream gradient cannot use). chunk_size: rows per chunk, 0 = automatic.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {', '.join(_REDUCTIONS)}")
+    _common.check_target(target, w.shape[0], ignore_index)
     if reduction == "none":
         with _common.no_autocast(p.device):
-            return cosine_ce_ref(p.float(), w.float(), target, sigma=sigma, ignore_index=ignore_index,
+            return cosine_ce_ref(p.float(), w.float(), target.long(), sigma=sigma, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, reduction="none")
     loss, _, _ = _cosine_ce_op(p, w, target, float(sigma), int(ignore_index), float(label_smoothing),
                                reduction == "mean", _common.needs_grad(p, w), int(chunk_size))

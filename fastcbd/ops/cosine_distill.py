@@ -128,7 +128,8 @@ def _triton_fwd(p, teachers, scale: float, compute_grad: bool, grad_scale: float
             K=len(teachers), BLOCK_D=_common.next_pow2(max(dims)), COMPUTE_GRAD=compute_grad,
             PROJECT=project, EPS_=EPS,
         )
-    loss = loss_rows.sum()
+    # the kernel scales each row; with no rows the scale still applies (1/0: NaN, the mean of nothing)
+    loss = loss_rows.sum() if B > 0 else loss_rows.sum() * scale
     return loss, (grad if compute_grad else p.new_empty(0, dtype=torch.float32))
 
 

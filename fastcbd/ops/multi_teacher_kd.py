@@ -6,6 +6,8 @@
 
 z (B, C) student logits fp32/bf16/fp16; teacher_logits K x (B, C), any of those dtypes, read in place
 (never stacked), no gradient; weights (K,) default 1/K each (the loss scale does not grow with K).
+A teacher logit of -inf is a class of probability 0: it adds 0 to the KL (xlogy's convention, as
+F.kl_div with a probability target), never NaN.
 """
 from __future__ import annotations
 
@@ -20,14 +22,18 @@ __all__ = ["multi_teacher_kd", "multi_teacher_kd_ref"]
 
 def multi_teacher_kd_ref(z: torch.Tensor, teacher_logits: list[torch.Tensor], *, tau: float = 4.0,
                          weights=None) -> torch.Tensor:
-    """The definition: plain PyTorch in z's dtype, autograd for the backward."""
+    """The definition: plain PyTorch in z's dtype, autograd for the backward.
+
+    The teacher distribution is passed to F.kl_div as probabilities, whose xlogy makes a class of
+    probability 0 (a -inf teacher logit) add 0 rather than 0 * inf = NaN.
+    """
     K = len(teacher_logits)
     weights = [1.0 / K] * K if weights is None else weights
     log_p = F.log_softmax(z / tau, dim=1)
     loss = z.new_zeros(())
     for k, t in enumerate(teacher_logits):
-        log_q = F.log_softmax(t.to(z.dtype) / tau, dim=1)
-        loss = loss + weights[k] * tau**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+        q = F.softmax(t.to(z.dtype) / tau, dim=1)
+        loss = loss + weights[k] * tau**2 * F.kl_div(log_p, q, reduction="batchmean")
     return loss
 
 
@@ -36,14 +42,19 @@ if triton is not None:
 
     @triton.jit
     def _row_lse(row_ptr, C, inv_tau, cols, BLOCK_C: tl.constexpr):
-        """log-sum-exp of one row / tau, in one online sweep over blocks of classes."""
+        """log-sum-exp of one row / tau, in one online sweep over blocks of classes.
+
+        -inf entries (probability 0) are allowed, also a whole block of them before any finite one: the
+        running max is then still -inf, and exp(-inf - -inf) would be NaN, so such a block shifts by 0.
+        """
         m = -float("inf")
         s = 0.0
         for start in range(0, C, BLOCK_C):
             offs = start + cols
             x = tl.load(row_ptr + offs, mask=offs < C, other=-float("inf")).to(tl.float32) * inv_tau
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = m_new
         return m + tl.log(s)
 
@@ -83,7 +94,8 @@ if triton is not None:
             for k in tl.static_range(K):
                 log_q = tl.load(t_rows[k] + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau - lses[k]
                 q = tl.exp(log_q)
-                kl += tl.where(mask, ws[k] * q * (log_q - log_p), 0.0)
+                # q = 0 (a -inf teacher logit) adds 0, as xlogy: not 0 * (-inf) = NaN
+                kl += ws[k] * q * tl.where(mask & (q > 0.0), log_q - log_p, 0.0)
                 q_sum += ws[k] * q
             if COMPUTE_GRAD:
                 g = grad_scale * (w_sum * tl.exp(log_p) - q_sum)
@@ -94,6 +106,8 @@ if triton is not None:
 def _triton_fwd(z, teachers, weights, tau: float, scale: float, compute_grad: bool):
     z = _common.rowmajor(z)
     teachers = [_common.rowmajor(t) for t in teachers]
+    # the kernel reads weights[k] at w_ptr + k as fp32: a strided or other-dtype (K,) tensor is copied
+    weights = weights.to(device=z.device, dtype=torch.float32).contiguous()
     B, C = z.shape
     loss_rows = torch.empty(B, device=z.device, dtype=torch.float32)
     grad = torch.empty((B, C) if compute_grad else (0,), device=z.device, dtype=torch.float32)
@@ -118,7 +132,8 @@ def _torch_fwd(z, teachers, weights, tau: float, scale: float, compute_grad: boo
     for k, t in enumerate(teachers):
         log_q = F.log_softmax(t.float() / tau, dim=1)
         q = log_q.exp()
-        kl = kl + weights[k] * torch.sum(q * (log_q - log_p))
+        # xlogy's convention: a class of teacher probability 0 (a -inf logit) adds 0, not 0 * inf = NaN
+        kl = kl + weights[k] * torch.sum(torch.where(q > 0, q * (log_q - log_p), 0.0))
         if compute_grad:
             q_sum.add_(q * weights[k])
     loss = kl * (scale * tau * tau)

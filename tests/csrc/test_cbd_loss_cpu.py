@@ -48,7 +48,7 @@ NAMES = ["loss", "ce", "distill", "grad_p", "grad_w"]
 
 def check(p, w, target, teachers, *, atol, rtol, what, chunk=0, **kw):
     ours = op(p, w, target, teachers, chunk=chunk, **kw)
-    exact = reference_with_grad(p.double(), w.double(), target, [t.double() for t in teachers], **kw)
+    exact = reference_with_grad(p.double(), w.double(), target.long(), [t.double() for t in teachers], **kw)
     for name, o, e in zip(NAMES, ours, exact):
         assert o.shape == e.shape, f"{what} {name}: shape {tuple(o.shape)} != {tuple(e.shape)}"
         assert_close(o, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, what=f"{what} {name}")
@@ -82,7 +82,8 @@ def test_alpha_extremes_match_the_separate_ops(gen):
     """alpha = 0 is the plain mean cosine CE, alpha = 1 the pure distillation term."""
     p, w, target, teachers = make(gen, 9, 20, (7, 6))
     loss, ce, distill, gp, gw = op(p, w, target, teachers, alpha=0.0)
-    ce_loss, ce_gp, ce_gw = torch.ops.fastcbd_C.cosine_ce_fwd(p, w, target, 20.0, -100, 0.0, 1 / 9, True, 0)
+    ce_loss, ce_gp, ce_gw = torch.ops.fastcbd_C.cosine_ce_fwd(p, w, target, 20.0, -100, 0.0,
+                                                              torch.tensor(1 / 9, dtype=torch.float64), True, 0)
     assert_close(loss, ce_loss, atol=1e-6, rtol=1e-6, what="alpha=0 loss vs cosine_ce_fwd")
     assert_close(gp, ce_gp, atol=1e-7, rtol=1e-5, what="alpha=0 grad_p vs cosine_ce_fwd")
     assert_close(gw, ce_gw, atol=1e-7, rtol=1e-5, what="alpha=0 grad_w vs cosine_ce_fwd")
@@ -148,15 +149,42 @@ def test_gradcheck_float64(gen, B, C, dims):
     assert torch.autograd.gradcheck(lambda a, b: _CBD.apply(a, b, target, *teachers), (p, w), eps=1e-6, atol=1e-7)
 
 
-def test_rejects_inputs_that_would_read_out_of_bounds(gen):
+def check_ignored_rows(p, w, target, teachers, atol, rtol):
+    """target -100 (F.cross_entropy's default ignore_index): the row has no CE term, whose mean is over the
+    other rows; the distillation term still averages over every row (the reference, ignore_index included)."""
+    ignored = target.clone()
+    ignored[1::3] = -100
+    check(p, w, ignored, teachers, atol=atol, rtol=rtol, what="ignored rows", alpha=0.3)
+    check(p, w, ignored.int(), teachers, atol=atol, rtol=rtol, what="ignored rows, int32 target", alpha=0.3)
+
+
+def test_ignored_rows_and_int32_target(gen):
+    p, w, target, teachers = make(gen, 10, 7, (5, 6))
+    check_ignored_rows(p, w, target, teachers, atol=2e-6, rtol=1e-5)
+    loss, ce, distill, gp, gw = op(p, w, torch.full_like(target, -100), teachers, alpha=0.3)
+    assert loss.isnan() and ce.isnan() and distill.isfinite(), f"all ignored: {loss}, {ce}, {distill}"
+    _, d_gp = torch.ops.fastcbd_C.cosine_distill_fwd(p, teachers, 0.3 * 100.0 / 10, True)
+    assert_close(gp, d_gp, atol=1e-7, rtol=1e-5, what="all ignored: grad_p is the distillation term's")
+    assert not gw.any(), "all ignored: grad_w should be 0"
+
+
+def test_bad_target_is_masked_and_zero_rows(gen):
     p, w, target, teachers = make(gen, 4, 6, (5, 6))
     bad = target.clone()
-    bad[1] = -100  # cbd_loss has no ignore_index
-    with pytest.raises(RuntimeError, match="outside"):
-        op(p, w, bad, teachers)
+    bad[1] = 6
+    loss, ce, distill, gp, gw = op(p, w, bad, teachers)
+    assert loss.isnan() and ce.isnan() and distill.isfinite(), f"bad target: {loss}, {ce}, {distill}"
+    assert gp[1].isnan().all() and gp[[0, 2, 3]].isfinite().all() and gw.isnan().all(), "bad target: NaN pattern"
+    loss, ce, distill, gp, gw = op(p[:0], w, target[:0], [t[:0] for t in teachers])
+    assert loss.isnan() and ce.isnan() and distill.isnan(), f"B=0: {loss}, {ce}, {distill} (the means of nothing)"
+    assert gp.shape == (0, p.shape[1]) and gw.shape == w.shape and not gw.any(), "B=0 gradients"
+
+
+def test_rejects_inputs_that_would_read_out_of_bounds(gen):
+    p, w, target, teachers = make(gen, 4, 6, (5, 6))
     with pytest.raises(RuntimeError, match="sum of teacher widths"):
         op(p, w, target, teachers[:1])
     with pytest.raises(RuntimeError, match="w is"):
         op(p, w[:, :3], target, teachers)
-    with pytest.raises(RuntimeError, match="at least one row"):
-        op(p[:0], w, target[:0], [t[:0] for t in teachers])
+    with pytest.raises(RuntimeError, match="int64 or int32"):
+        op(p, w, target.short(), teachers)

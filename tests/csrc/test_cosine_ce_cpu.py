@@ -10,6 +10,9 @@ IGNORE = -100
 
 
 def op(p, w, target, *, sigma=20.0, ignore_index=IGNORE, label_smoothing=0.0, scale=1.0, compute_grad=True, chunk=0):
+    """The op; `scale` (a number or a tensor) goes in as a 0-dim tensor on p's device (float64: exact on CPU)."""
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(scale, dtype=torch.float64, device=p.device)
     return torch.ops.fastcbd_C.cosine_ce_fwd(
         p, w, target, sigma, ignore_index, label_smoothing, scale, compute_grad, chunk
     )
@@ -151,14 +154,53 @@ def test_gradcheck_float64(gen, B, C, D, ls):
     assert torch.autograd.gradcheck(lambda a, b: _CosineCE.apply(a, b, target, 3.0, ls), (p, w), eps=1e-6, atol=1e-7)
 
 
+def check_bad_target_masked(p, w, target, bad_rows, what):
+    """A target outside [0, C) (not ignore_index) is masked, never read: NaN loss, NaN grad_p rows of the bad
+    rows and NaN grad_w (every class gets that row's dL/dz); the other rows of grad_p are finite."""
+    loss, gp, gw = op(p, w, target, label_smoothing=0.1, scale=0.5)
+    good = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+    good[bad_rows] = False
+    assert loss.isnan().item(), f"{what}: loss {loss.item()} is not NaN"
+    assert gp[bad_rows].isnan().all(), f"{what}: grad_p rows {bad_rows} hold {int(gp[bad_rows].isnan().sum())} NaN"
+    assert gp[good].isfinite().all(), f"{what}: {int((~gp[good].isfinite()).sum())} non-finite in the good rows"
+    assert gw.isnan().all(), f"{what}: grad_w holds {int(gw.isnan().sum())} NaN of {gw.numel()}"
+    loss_ng, _, _ = op(p, w, target, label_smoothing=0.1, scale=0.5, compute_grad=False)
+    assert loss_ng.isnan().item(), f"{what}: loss without grad {loss_ng.item()} is not NaN"
+
+
+def test_bad_target_is_masked_not_read(gen):
+    p, w, target = make(gen, 5, 6, 5)
+    for value in (6, -1, 2**40):
+        bad = target.clone()
+        bad[2] = value
+        check_bad_target_masked(p, w, bad, [2], f"target {value}")
+
+
+def test_int32_target_gives_the_int64_result(gen):
+    p, w, target = make(gen, 9, 13, 7, n_ignored=2)
+    want = op(p, w, target, label_smoothing=0.1, scale=0.3)
+    got = op(p, w, target.int(), label_smoothing=0.1, scale=0.3)
+    for name, a, b in zip(["loss", "grad_p", "grad_w"], got, want):
+        assert torch.equal(a, b), f"int32 target: {name} differs from int64 by {max_abs_err(a, b):.3g}"
+
+
+def test_scale_is_a_tensor(gen):
+    """The scale is a 0-dim tensor (1/n_valid stays on the device); inf (all rows ignored) gives NaN, 0 grads."""
+    p, w, target = make(gen, 4, 6, 5)
+    half = op(p, w, target, scale=torch.tensor(0.5))
+    one = op(p, w, target, scale=torch.tensor(1.0, dtype=torch.float32))
+    for name, a, b in zip(["loss", "grad_p", "grad_w"], half, one):
+        assert_close(a, 0.5 * b, atol=1e-7, rtol=1e-6, what=f"scale 0.5 vs 1, {name}")
+    loss, gp, gw = op(p, w, torch.full_like(target, IGNORE), scale=torch.tensor(float("inf")))
+    assert loss.isnan().item() and not gp.any() and not gw.any(), f"all ignored, scale inf: loss {loss.item()}"
+    with pytest.raises(RuntimeError, match="scale"):
+        op(p, w, target, scale=torch.ones(2))
+
+
 def test_rejects_inputs_that_would_read_out_of_bounds(gen):
     p, w, target = make(gen, 4, 6, 5)
-    bad = target.clone()
-    bad[2] = 6
-    with pytest.raises(RuntimeError, match="outside"):
-        op(p, w, bad)
-    with pytest.raises(RuntimeError, match="int64"):
-        op(p, w, target.int())
+    with pytest.raises(RuntimeError, match="int64 or int32"):
+        op(p, w, target.short())
     with pytest.raises(RuntimeError, match="w is"):
         op(p, w[:, :4], target)
     with pytest.raises(RuntimeError, match="shape"):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from csrc_testing import assert_close, low_precision_tolerance, max_abs_err, needs_ext
-from test_cosine_ce_cpu import IGNORE, make, op, reference_with_grad
+from test_cosine_ce_cpu import IGNORE, check_bad_target_masked, make, op, reference_with_grad
 
 pytestmark = needs_ext
 
@@ -43,3 +43,22 @@ def test_cuda_bf16_features_fp32_weights_and_no_grad(gen, cuda):
     all_ignored = torch.full_like(target, IGNORE).to(cuda)
     loss, gp, gw = op(p.to(cuda), w.to(cuda), all_ignored)
     assert loss.item() == 0.0 and not gp.any() and not gw.any()
+
+
+@pytest.mark.gpu
+def test_cuda_bad_target_int32_and_device_scale(gen, cuda):
+    """Bad targets masked (NaN, no out-of-bounds read), int32 targets, the scale read on the device."""
+    p, w, target = make(gen, 9, 13, 7, n_ignored=2)
+    p, w, target = p.to(cuda), w.to(cuda), target.to(cuda)
+    bad = target.clone()
+    bad[4] = 13
+    check_bad_target_masked(p, w, bad, [4], "cuda target 13")
+    scale = torch.tensor(0.3, device=cuda)
+    want = op(p, w, target, label_smoothing=0.1, scale=scale)
+    got = op(p, w, target.int(), label_smoothing=0.1, scale=scale)
+    for name, a, b in zip(["loss", "grad_p", "grad_w"], got, want):
+        assert torch.equal(a, b), f"cuda int32 target: {name} differs from int64"
+    exact = reference_with_grad(p.double().cpu(), w.double().cpu(), target.cpu(), label_smoothing=0.1, scale=0.3)
+    _compare(want, exact, "cuda device scale")
+    loss, gp, gw = op(p, w, torch.full_like(target, IGNORE), scale=torch.tensor(float("inf"), device=cuda))
+    assert loss.isnan().item() and not gp.any() and not gw.any(), f"all ignored, scale inf: loss {loss.item()}"
