@@ -47,13 +47,15 @@ gpu-wheels: | $(BIN)/python
 
 # make gpu-compat: a side environment with the GPU machine's versions (torch 2.11, torchvision 0.26,
 # Triton 3.6; several GB from the registry, not part of CI), a copy of the tree built against it, and in it
-# the dry gpu-check and the Triton interpreter tests. Run it before a GPU window.
+# the dry gpu-check and the Triton interpreter tests. Run it before a GPU window. numpy < 2.3: Triton 3.6's
+# interpreter turns 1-element arrays into ints, which numpy 2.4 refuses (the GPU itself uses no interpreter).
 COMPAT := build/compat
 gpu-compat:
 	test -x $(COMPAT)/venv/bin/python || $(PYTHON) -m venv $(COMPAT)/venv
 	test -f $(COMPAT)/venv/.installed || ($(COMPAT)/venv/bin/pip install -q -U pip "setuptools>=69" wheel ninja \
-	  && $(COMPAT)/venv/bin/pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 \
-	     pytest hypothesis pyyaml tqdm mlxtend matplotlib tensorboard && touch $(COMPAT)/venv/.installed)
+	  && $(COMPAT)/venv/bin/pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.3" \
+	     pytest hypothesis pyyaml tqdm matplotlib tensorboard scikit-learn pandas joblib \
+	  && $(COMPAT)/venv/bin/pip install -q --no-deps mlxtend && touch $(COMPAT)/venv/.installed)
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
 	git ls-files -co --exclude-standard -z | xargs -0 tar -c | tar -x -C $(COMPAT)/src
 	cd $(COMPAT)/src && TORCH_CUDA_ARCH_LIST=9.0 FASTCBD_REQUIRE_CUDA=1 ../venv/bin/python setup.py -q build_ext --inplace
