@@ -3,6 +3,8 @@
 Each draws one global sequence per epoch from (seed, epoch), so every rank of a distributed run draws
 the same sequence and keeps a disjoint, equal-length share (rank::world_size). `state_dict()` holds the
 epoch and how many indices of it were consumed, so a run resumes in the middle of an epoch.
+`sample_seeds` keys each sample's augmentation on its position in that sequence, so the loaders that
+cut crops outside a checkpointed generator (DataLoader workers, DALI) resume exactly too.
 """
 from __future__ import annotations
 
@@ -165,6 +167,38 @@ class SampledLoader:
 
     def _order(self) -> np.ndarray:
         return self.sampler.indices() if self.sampler is not None else np.arange(len(self.labels))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 values (a bijection that scatters nearby inputs)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, positions) -> np.ndarray:
+    """(n,) int64 >= 0: the augmentation seed of the samples at `positions` of an epoch's order.
+
+    A function of (loader seed, epoch, position) only: not of the image index (a class-balanced draw
+    repeats images within an epoch), nor of where a run was resumed, how many workers there are or which
+    of them decodes the sample. A resumed run therefore draws each sample's crop and flip again exactly."""
+    with np.errstate(over="ignore"):
+        key = splitmix64(np.uint64(seed & (2**64 - 1)) + _GOLDEN)
+        key = splitmix64(key ^ np.uint64(epoch & (2**64 - 1)))
+        z = splitmix64(key + np.asarray(positions, dtype=np.uint64) * _GOLDEN)
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+def sample_uniforms(seeds, n: int) -> np.ndarray:
+    """(len(seeds), n) float64 in [0, 1): the first n outputs of a SplitMix64 stream seeded with each
+    seed, for a whole batch in a few array ops (no generator object per sample)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(seeds, dtype=np.int64).astype(np.uint64)[:, None] + np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN
+    return (splitmix64(z) >> np.uint64(11)) * (1.0 / (1 << 53))
 
 
 def build_sampler(name: str, targets, **kw) -> _Sampler:

@@ -145,3 +145,104 @@ def test_native_file_reader_shards(tmp_path):
         pipe = build_pipeline(None, train=True, batch_size=5, device_id=None, num_threads=1, size=32, reader=reader)
         seen += [to_torch(pipe.run()[1], torch.device("cpu")).view(-1) for _ in range(2)]
     assert sorted(torch.cat(seen).tolist()) == sorted(labels)
+
+
+def _window_reference(h, w, u, aug):
+    """torchvision's RandomResizedCrop rule in relative coordinates, float64, from the 4 uniforms (area,
+    log-ratio, top, left) of each try: ((x, y), (w, h)) in "WH" order."""
+    aspect = w / h
+    (s0, s1), (r0, r1) = aug.crop_scale, aug.crop_ratio
+    for ua, ur, ut, ul in u.reshape(-1, 4):
+        area, ratio = s0 + ua * (s1 - s0), np.exp(np.log(r0) + ur * (np.log(r1) - np.log(r0)))
+        cw, ch = np.sqrt(area * ratio / aspect), np.sqrt(area / ratio * aspect)
+        if cw <= 1 and ch <= 1:
+            return (ul * (1 - cw), ut * (1 - ch)), (cw, ch)
+    lo, hi = min(r0, r1), max(r0, r1)
+    cw, ch = min(hi / aspect, 1.0), min(aspect / lo, 1.0)
+    return ((1 - cw) / 2, (1 - ch) / 2), (cw, ch)
+
+
+@pytest.mark.parametrize("aug", [AugmentConfig(), AugmentConfig(crop_scale=(0.9, 1.0))], ids=["scale0.35", "scale0.9"])
+def test_crop_windows_follow_the_random_resized_crop_rule(aug):
+    """The in-pipeline crop window (from the fed draws and the encoded image's shape) is the first try
+    that fits, else the centred fallback cut to the ratio range, for square, wide and tall images."""
+    from data_files import jpeg_bytes
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastcbd.data.dali import ATTEMPTS, _crop_window, sample_draws
+    from fastcbd.data.samplers import sample_uniforms
+
+    shapes = [(40, 48), (8, 64), (64, 8), (30, 30), (24, 40), (48, 20)] * 2
+    jpegs = [np.frombuffer(jpeg_bytes(1, h, w), np.uint8) for h, w in shapes]
+    seeds = np.arange(100, 100 + len(shapes))
+    crop = sample_draws(seeds, aug)[:4]
+    uniforms = sample_uniforms(seeds, 4 * ATTEMPTS)
+
+    @pipeline_def(batch_size=len(shapes), num_threads=1, device_id=None)
+    def windows():
+        encoded = fn.external_source(source=lambda: jpegs, batch=True, dtype=types.UINT8)
+        tries = fn.external_source(source=lambda: crop, num_outputs=4, batch=True, dtype=types.FLOAT)
+        return _crop_window(fn, types, encoded, tries, aug)
+
+    pipe = windows()
+    pipe.build()
+    anchor, shape = (t.as_array() for t in pipe.run())
+    fallback = 0
+    for k, (h, w) in enumerate(shapes):
+        (x, y), (cw, ch) = _window_reference(h, w, uniforms[k], aug)
+        fallback += (x, y) == ((1 - cw) / 2, (1 - ch) / 2)
+        assert np.allclose(anchor[k], [x, y], atol=1e-5) and np.allclose(shape[k], [cw, ch], atol=1e-5), (
+            f"image {h}x{w}: window {anchor[k]} {shape[k]}, expected {(x, y)} {(cw, ch)}")
+    assert fallback >= (4 if aug.crop_scale[0] == 0.9 else 0), "the 8:1 images should fall back to the centre"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_resume_mid_epoch_gives_the_same_images(tmp_path, fused):
+    """Each sample's crop, flip and colour come from the seed of its position in the epoch: a loader
+    resumed from a mid-epoch sampler state yields the unbroken run's batches bit for bit; a rebuilt
+    pipeline (a new loader) gives the same epoch as a reused one; a repeated image gets another crop."""
+    from fastcbd.data.dali import DaliLoader
+
+    s = small_splits(tmp_path)
+    aug = AugmentConfig(crop_scale=(0.2, 1.0), color_jitter=1.0, grayscale_p=0.3)
+
+    def fresh(seed=4):
+        smp = ClassBalancedSampler(s.y_train, seed=seed)  # with replacement: images repeat within the epoch
+        return smp, DaliLoader(s.train, 5, sampler=smp, aug=aug, mean=MEAN, std=STD, size=16, num_threads=1,
+                               seed=11, fused=fused)
+
+    smp, reused = fresh()
+    for epoch in range(2):
+        smp.set_epoch(epoch)
+        first = list(reused)  # epoch 1 from the pipeline that ran epoch 0
+    smp, loader = fresh()
+    smp.set_epoch(1)
+    full = list(loader)
+    order = smp.draw()
+    xs = torch.cat([x for x, _ in full])
+    p, q = next((p, q) for p in range(len(order)) for q in range(p + 1, len(order)) if order[p] == order[q])
+    assert not torch.equal(xs[p], xs[q]), f"image {order[p]} at positions {p} and {q} got the same crop"
+
+    smp, loader = fresh()
+    smp.set_epoch(1)
+    head = run_batches(loader, 2)
+    state = smp.state_dict()
+    assert state["consumed"] == 10
+    resumed_smp, resumed = fresh(seed=0)
+    resumed_smp.load_state_dict(state)
+    tail = list(resumed)  # no set_epoch: continue where it stopped
+    rest = list(loader)  # the interrupted loader itself, its pipeline rebuilt, continues the same way
+    for name, got in (("reused pipeline", first), ("resumed", head + tail), ("continued", head + rest)):
+        assert len(got) == len(full) == 5, (name, len(got))
+        for k, ((x, y), (x2, y2)) in enumerate(zip(full, got)):
+            bad = (x != x2).sum().item()
+            assert torch.equal(y, y2) and bad == 0, f"{name}: batch {k} differs ({bad} values)"
+
+
+def run_batches(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out

@@ -143,3 +143,76 @@ def test_channels_last_batches_hold_the_same_images(tmp_path):
     cl = next(iter(loader_for(s, train=False, batch_size=5, channels_last=True)))[0]
     assert cl.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain, cl)
+
+
+def test_crop_box_is_the_nvjpeg_loaders_vectorised_draw():
+    """The workers' per-image crop_box and the nvjpeg loader's crop_boxes (both torchvision's get_params
+    rule) agree on the same generator, including images where no try fits (centre fallback)."""
+    from fastcbd.data.nvjpeg import crop_boxes
+    from fastcbd.data.torch_loader import crop_box
+
+    sizes = [(40, 48), (10, 300), (300, 12), (224, 224), (1, 1), (3, 500)]
+    for aug in (AugmentConfig(), AugmentConfig(crop_scale=(0.9, 1.0)), AugmentConfig(crop_scale=(0.08, 1.0), flip=False)):
+        for seed in range(40):
+            for h, w in sizes:
+                got = crop_box(h, w, aug, torch.Generator().manual_seed(seed))
+                want = crop_boxes(torch.tensor([[h, w]]), aug, torch.Generator().manual_seed(seed))[0].tolist()
+                assert [*got[:4], int(got[4])] == want, f"{aug} seed {seed} image {h}x{w}: {got} != {want}"
+
+
+def test_resume_mid_epoch_with_workers_gives_the_same_images(tmp_path):
+    """Crops are drawn in the workers from each sample's (seed, epoch, position): a loader resumed from a
+    mid-epoch state (sampler + loader) yields the unbroken run's batches bit for bit, with 2 workers as
+    with none, a repeated image gets another crop at another position, and the global RNG is untouched."""
+    s = small_splits(tmp_path)
+    aug = AugmentConfig(crop_scale=(0.2, 1.0), color_jitter=1.0, grayscale_p=0.3)
+
+    def fresh(workers=2, seed=4):
+        smp = ClassBalancedSampler(s.y_train, seed=seed)  # with replacement: images repeat within the epoch
+        smp.set_epoch(1)
+        return smp, loader_for(s, smp, workers=workers, batch_size=5, aug=aug, seed=11)
+
+    rng = torch.get_rng_state()
+    smp, loader = fresh()
+    full = list(loader)
+    assert torch.equal(torch.get_rng_state(), rng), "the loader drew from the global torch RNG"
+    order = smp.draw()
+    xs = torch.cat([x for x, _ in full])
+    p, q = next((p, q) for p in range(len(order)) for q in range(p + 1, len(order)) if order[p] == order[q])
+    assert not torch.equal(xs[p], xs[q]), f"image {order[p]} at positions {p} and {q} got the same crop"
+
+    smp, loader = fresh()
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    states = smp.state_dict(), loader.state_dict()
+    del it
+    assert states[0]["consumed"] == 15
+    smp, loader = fresh(seed=0)
+    smp.load_state_dict(states[0])
+    loader.load_state_dict(states[1])
+    tail = list(loader)  # no set_epoch: continue where it stopped
+    _, serial = fresh(workers=0)
+    for name, got in (("resumed", head + tail), ("0 workers", list(serial))):
+        assert len(got) == len(full) == 5, (name, len(got))
+        for k, ((x, y), (x2, y2)) in enumerate(zip(full, got)):
+            bad = (x != x2).sum().item()
+            assert torch.equal(y, y2) and bad == 0, f"{name}: batch {k} differs ({bad} values)"
+
+
+def test_workers_leave_ctrl_c_and_sigterm_to_the_trainer(tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore SIGINT and SIGTERM (the trainer
+    checkpoints and stops after its step), where a worker killed by them would starve the trainer."""
+    import signal
+
+    from fastcbd.data.torch_loader import FileImages, TorchLoader
+
+    class Dispositions(FileImages):
+        def _transform(self, img, seed):
+            ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))
+            return torch.full((3, self.size, self.size), 255 * ignored, dtype=torch.uint8)
+
+    s = small_splits(tmp_path)
+    loader = TorchLoader(Dispositions(s.train, True, 32), s.y_train, 8, mean=(0, 0, 0), std=(1, 1, 1), workers=2)
+    x = torch.cat([x for x, _ in loader])  # 255 / (std 1 * 255)
+    assert (x == 1).all(), f"{int((x != 1).any(dim=(1, 2, 3)).sum())} images made by a worker that dies of Ctrl-C"
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN, "the main process must still see Ctrl-C"
