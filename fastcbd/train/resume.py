@@ -41,7 +41,7 @@ def _diff(old: dict, new: dict, prefix: str) -> list:
 def check_config(old: dict, new: dict, where: str, allow: bool = False) -> None:
     """Refuse (ConfigChanged) a resume of `where` whose config `new` differs from `old` in a key that changes
     the result; with allow=True log it instead. Neutral keys are logged at info level."""
-    changes = diff(old, new)
+    changes = diff(_with_defaults(old or {}, new or {}), new)
     neutral = [c for c in changes if c[0] in NEUTRAL]
     blocking = [c for c in changes if c[0] not in NEUTRAL]
     if neutral:
@@ -54,6 +54,23 @@ def check_config(old: dict, new: dict, where: str, allow: bool = False) -> None:
         return
     raise ConfigChanged(f"{where} was written with a different config: {_fmt(blocking)}. Resume with the same "
                         "settings, use a new --out folder, or pass --allow-config-change")
+
+
+def _with_defaults(old: dict, new: dict) -> dict:
+    """`old` with the keys of `new` that it lacks filled in with their defaults: an older run's config has no
+    key a newer fastcbd added, which is no change when the new value is the default."""
+    from fastcbd.train.config import Config, to_dict
+
+    def fill(o, n, d):
+        out = dict(o)
+        for k, v in n.items():
+            if k not in o and k in d:
+                out[k] = d[k]
+            elif isinstance(v, dict) and isinstance(o.get(k), dict) and isinstance(d.get(k), dict):
+                out[k] = fill(o[k], v, d[k])
+        return out
+
+    return fill(old, new, to_dict(Config()))
 
 
 def _fmt(changes) -> str:

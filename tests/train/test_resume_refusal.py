@@ -68,6 +68,13 @@ def test_check_config_refuses_result_changing_keys_and_allows_neutral_ones(caplo
     old = {"seed": 0, "log_every": 20, "checkpoint": {"every": 500, "keep": 3}, "aug": {"crop_scale": (0.6, 1.0)}}
     check_config(old, {**old, "log_every": 5, "checkpoint": {"every": 10, "keep": 1}}, "x")  # neutral: fine
     check_config(old, {**old, "aug": {"crop_scale": [0.6, 1.0]}}, "x")  # a tuple read back as a list: the same
+    from fastcbd.train.config import Config, to_dict
+
+    full = to_dict(Config())
+    older = {k: v for k, v in full.items() if k != "sync_bn"}  # a key a newer version added, at its default
+    check_config(older, full, "x")
+    with pytest.raises(ConfigChanged, match="sync_bn"):
+        check_config(older, {**full, "sync_bn": not full["sync_bn"]}, "x")
     with pytest.raises(ConfigChanged, match=r"seed: 0 -> 1.*--allow-config-change"):
         check_config(old, {**old, "seed": 1}, "x")
     with caplog.at_level(logging.WARNING, logger="fastcbd"):
