@@ -80,8 +80,11 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy", "torch", "torchvision", "mlxtend", "pyyaml", "tqdm", "matplotlib", "tensorboard"],
     extras_require={
-        "test": ["pytest"],
+        # the test extra carries the optional packages whose code paths the suite covers (make test installs it)
+        "test": ["pytest", "hypothesis", "timm", "safetensors", "onnx", "onnxscript", "onnxruntime"],
         "dali": ["nvidia-dali-cuda130"],
+        "timm": ["timm"],  # model.backbone=timm:<name>
+        "export": ["safetensors", "onnx", "onnxscript", "onnxruntime"],  # fastcbd export --format safetensors / onnx
     },
     entry_points={"console_scripts": ["fastcbd=fastcbd.cli:main"]},
     ext_modules=ext_modules,

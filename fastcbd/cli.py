@@ -1,4 +1,5 @@
-"""The `fastcbd` command: demo, train-teachers, train-student, evaluate, data-stats, doctor, condense."""
+"""The `fastcbd` command: demo, train-teachers, train-student, evaluate, data-stats, doctor, condense, predict,
+export."""
 from __future__ import annotations
 
 import argparse
@@ -163,7 +164,8 @@ def cmd_train_student(args) -> None:
         arch = ctx.arch("student", proj_dim=model.out_features)
     out = os.path.join(args.out, "model.pt")
     save_model(out, model, arch, {"method": args.method,
-                                  "teachers": [{"path": os.path.abspath(p), "sha256": file_hash(p)} for p in paths]})
+                                  "teachers": [{"path": os.path.abspath(p), "sha256": file_hash(p)} for p in paths]},
+               ctx.info())
     metrics = evaluate(model, ctx.test_loader(), splits.class_counts)
     log.info("%s: all %.2f many %.2f medium %.2f few %.2f -> %s", args.method, metrics["all"], metrics["many"],
              metrics["medium"], metrics["few"], out)
@@ -248,14 +250,18 @@ def cmd_doctor(args) -> None:
 
 
 def cmd_condense(args) -> None:
-    from fastcbd.condense.presets import apply_preset
+    from fastcbd.condense.presets import apply_preset, choose_preset, resolve_device
     from fastcbd.condense.run import CondenseConfig, run_condense
 
+    device = resolve_device(args.device)
+    preset, why = choose_preset(args.preset, device)
     cfg = CondenseConfig(methods=tuple(args.method), dataset=args.dataset, data_root=args.data_root, rho=args.rho,
                          ipc=args.ipc, hierarchical=args.hierarchical, groups=args.groups, grouping=args.grouping,
                          group_ipc=args.group_ipc, seeds=args.seeds, soft_labels=args.soft_labels,
-                         baselines=not args.no_baselines, threads=args.threads, device=args.device)
-    apply_preset(cfg, args.preset)
+                         baselines=not args.no_baselines, threads=args.threads, device=device,
+                         preset=preset, preset_why=why)
+    apply_preset(cfg, preset)
+    (log.warning if preset == "paper" and device == "cpu" else log.info)("preset %s: %s", preset, why)
     if args.width:
         for section in (cfg.dm, cfg.gm, cfg.mtt, cfg.eval):
             section.width = args.width
@@ -273,6 +279,24 @@ def cmd_condense(args) -> None:
 
     print(results_markdown(results))
     log.info("condense finished in %.1f s; results in %s/results.md", time.perf_counter() - t0, args.out)
+
+
+def cmd_predict(args) -> None:
+    from fastcbd.predict import format_text, predict
+
+    result = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device)
+    print(json.dumps(result, indent=1) if args.json else format_text(result))
+    if result["unreadable"]:
+        log.warning("%d unreadable file(s) skipped: %s", len(result["unreadable"]),
+                    ", ".join(b["file"] for b in result["unreadable"]))
+
+
+def cmd_export(args) -> None:
+    from fastcbd.export import export_model
+
+    r = export_model(args.model, args.format, args.out_file)
+    print(f"{r['out']}: {r['format']}; loaded back and checked on a batch of {r['check_batch']} (exported with "
+          f"{r['export_batch']}): max abs logit difference {r['max_abs_diff']:.3g}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, help="SGD steps of each evaluation model")
     p.add_argument("--iterations", type=int, help="distillation iterations (DM), networks (DSA) or MTT iterations")
     p.add_argument("--width", type=int, help="ConvNet-3 width (preset: paper 128, cpu 32)")
-    p.add_argument("--preset", default="paper", choices=["paper", "cpu"], help="settings (see condense/presets.py)")
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],
+                   help="settings (condense/presets.py); auto (default): paper on a GPU, cpu without one")
     p.add_argument("--soft-labels", action="store_true", help="learnable soft labels (DSA, MTT)")
     p.add_argument("--constant-memory", action="store_true", help="MTT: TESLA-style constant-memory gradient")
     p.add_argument("--matching", default="auto", choices=["auto", "batched", "loop"],
@@ -351,26 +376,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MTT experts' epochs: label-balanced (default) or instance (the reference)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-real and full-data baselines")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device (default auto: cuda when there is a GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_condense)
+
+    p = sub.add_parser("predict", help="top-k classes of images, folders of them and .npz arrays with a model file")
+    p.add_argument("--model", required=True, help="a model.pt file")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="JPEG / PNG / ... files, folders, .npz files")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON (predictions and unreadable files)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when there is a GPU), cpu, cuda, ...")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a model file as safetensors, a torch.export program (pt2) or ONNX, checked")
+    p.add_argument("--model", required=True, help="a model.pt file")
+    p.add_argument("--format", required=True, choices=["safetensors", "pt2", "onnx"])
+    p.add_argument("--out", dest="out_file", required=True, metavar="FILE", help="the artefact to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 a user error, printed as one line `error: ...` (what to fix, naming the file and
+    the line or key); 1 an internal error, with its traceback (also in --out/log.txt); 128 + N stopped by
+    signal N with a checkpoint written."""
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "out", None))
+    from fastcbd.errors import UserError
+    from fastcbd.train.checkpoint import ResumeError
     from fastcbd.train.loop import TrainingInterrupted
+    from fastcbd.train.resume import ConfigChanged
 
+    # The documented user errors (bad data / model / config files and overrides, a refused resume), a path
+    # that is not there or not readable, a NaN/inf loss, and a missing optional package (not a fastcbd
+    # module). Anything else, a plain ValueError included, is a bug and keeps its traceback.
+    user_errors = (UserError, ConfigChanged, ResumeError, FloatingPointError, FileNotFoundError, PermissionError,
+                   IsADirectoryError, NotADirectoryError)
     try:
         args.func(args)
     except TrainingInterrupted as exc:
         log.warning("%s; run the same command again to continue", exc)
         return 128 + exc.signum
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
-        log.error("error: %s", exc)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        log.error("error: %s", exc.code)  # raise SystemExit("...") marks a user mistake a command spotted
         return 2
+    except Exception as exc:  # sorted into user errors and bugs here, in one place
+        missing_package = isinstance(exc, ImportError) and not (exc.name or "").startswith("fastcbd")
+        if isinstance(exc, user_errors) or missing_package:
+            log.error("error: %s", exc)
+            return 2
+        log.exception("internal error (a bug in fastcbd: please report it with this traceback)")
+        return 1
     return 0
 
 

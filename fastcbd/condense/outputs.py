@@ -49,6 +49,9 @@ def results_markdown(results: dict) -> str:
     lines = [f"# fastcbd condense: {results['dataset']}, IPC {results['ipc']}", "",
              (f"Training images per class: {results['class_counts']}; synthetic images per class: "
               f"{results['budget']}."), ""]
+    if results.get("preset"):
+        p = results["preset"]
+        lines += [f"Preset: {p['name']} ({p['why']}).", ""]
     if results["tail_rule"]:
         lines += [(f"Tail rule: class(es) {sorted(results['tail_rule'])} have fewer real images than the IPC "
                    f"and use all of them ({results['tail_rule']})."), ""]

@@ -1,5 +1,8 @@
-"""Named settings for `fastcbd condense --preset`: the published protocol, and the 2-core CPU demo."""
+"""Named settings for `fastcbd condense --preset`: the published protocol, and the 2-core CPU demo; `auto`
+(the default) picks the paper protocol on a GPU and the CPU preset without one."""
 from __future__ import annotations
+
+from fastcbd.errors import ConfigError
 
 # "paper": the reference implementations' settings for ConvNet-3 at IPC 10 (DM: 20k iterations, 256 real
 # images per class; DSA: 1000 networks x 10 matching steps, 50 network updates between them; MTT:
@@ -24,6 +27,33 @@ CPU = {
 }
 
 PRESETS = {"paper": PAPER, "cpu": CPU}
+
+
+def resolve_device(name: str) -> str:
+    """--device auto: the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def choose_preset(requested: str, device: str) -> tuple[str, str]:
+    """(preset, why): auto is the paper protocol on a GPU and the CPU preset elsewhere, where the paper
+    protocol (20k DM iterations, 5 x 1000-step evaluations per set) takes hours."""
+    on_gpu = device.startswith("cuda")
+    if requested == "auto":
+        if on_gpu:
+            return "paper", f"--preset auto on {device}: the paper protocol"
+        return "cpu", (f"--preset auto on {device} (no CUDA GPU): the CPU preset (narrower ConvNet, fewer iterations "
+                       "and evaluation steps); the paper protocol takes hours on a CPU: --preset paper to run it")
+    if requested not in PRESETS:
+        raise ConfigError(f"--preset {requested!r}: expected auto, {', '.join(PRESETS)}")
+    if requested == "paper" and not on_gpu:
+        return "paper", f"--preset paper on {device}: the paper protocol without a GPU takes hours (see the estimate)"
+    return requested, f"--preset {requested} on {device}"
 
 
 def apply_preset(cfg, name: str) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from fastcbd.condense.dm import DMConfig, distill_dm
 from fastcbd.condense.dsa import DSA, DSAConfig
+from fastcbd.condense.eta import RunClock, plan
 from fastcbd.condense.evaluate import EvalConfig, predict, summarize, train_classifier
 from fastcbd.condense.gm import GMConfig, distill_gm
 from fastcbd.condense.grouping import (
@@ -52,6 +53,8 @@ class CondenseConfig:
     baselines: bool = True
     threads: int = 0
     device: str = "cpu"
+    preset: str = "paper"  # the --preset applied (auto resolved: fastcbd.condense.presets.choose_preset)
+    preset_why: str = ""  # why that preset (logged, and in results.json)
     matching: str = "auto"  # DM / DSA: batched (all classes per call) | loop (per class) | auto: batched on a GPU,
     # loop on the CPU, where the batched forms measured slower (benchmarks/bench_condense.py)
     dm: DMConfig = field(default_factory=DMConfig)
@@ -96,9 +99,12 @@ class Runner:
         self.times: dict[str, float] = defaultdict(float)
         self.images: dict[str, int] = {}
         self.groups = None
+        self.clock = None  # a RunClock (eta.py) once the run is planned
 
-    def bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+    def bar(self, total: int, desc: str, kind: str | None = None, weight: float = 1.0):
+        """A progress bar; with `kind`, its updates are also timed by the run's clock (eta.py)."""
+        bar = tqdm(total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+        return self.clock.track(bar, kind, weight) if (kind and self.clock is not None) else bar
 
     def record(self, name: str, pred: np.ndarray) -> None:
         m = shot_accuracy(pred, self.y_test, self.counts)
@@ -107,7 +113,7 @@ class Runner:
 
     def evaluate(self, name: str, x, t, seed: int, aug: DSA, keep_first: bool = False):
         ecfg, first = self.cfg.eval, None
-        with self.bar(ecfg.repeats * ecfg.steps, f"eval {name} seed {seed}") as bar:
+        with self.bar(ecfg.repeats * ecfg.steps, f"eval {name} seed {seed}", "eval", min(ecfg.batch, len(x))) as bar:
             for r in range(ecfg.repeats):
                 net = train_classifier(x, t, self.num_classes, ecfg, seed * 100 + r, aug, bar)
                 self.record(name, predict(net, self.x_test))
@@ -117,7 +123,10 @@ class Runner:
     def evaluate_two_stage(self, name: str, group_x, group_t, class_sets, seed: int, aug: DSA) -> None:
         ecfg = self.cfg.eval
         n_nets = (len(self.groups) > 1) + sum(s is not None for s in class_sets)
-        with self.bar(ecfg.repeats * ecfg.steps * n_nets, f"eval {name} seed {seed}") as bar:
+        sizes = ([len(group_x)] if len(self.groups) > 1 and group_x is not None else []) + \
+            [len(s[0]) for s in class_sets if s is not None]
+        weight = sum(min(ecfg.batch, n) for n in sizes) / max(len(sizes), 1)
+        with self.bar(ecfg.repeats * ecfg.steps * n_nets, f"eval {name} seed {seed}", "eval", weight) as bar:
             for r in range(ecfg.repeats):
                 ts = train_two_stage(self.groups, group_x, group_t, class_sets, ecfg, seed * 100 + r, aug, bar)
                 self.record(name, ts.predict(self.x_test))
@@ -130,15 +139,15 @@ class Runner:
 
         def distill(pool, syn, s, tag):
             if method == "dm":
-                with self.bar(cfg.dm.iterations, f"dm {tag} seed {seed}") as bar:
+                with self.bar(cfg.dm.iterations, f"dm {tag} seed {seed}", "dm", pool.num_labels) as bar:
                     distill_dm(pool, syn, cfg.dm, aug, s, bar, loop=loop)
             elif method == "dsa":
-                with self.bar(cfg.gm.iterations, f"dsa {tag} seed {seed}") as bar:
+                with self.bar(cfg.gm.iterations, f"dsa {tag} seed {seed}", "dsa", pool.num_labels) as bar:
                     distill_gm(pool, syn, cfg.gm, aug, s, bar, loop=loop)
             elif method == "mtt":
-                with self.bar(cfg.mtt.num_experts, f"mtt experts {tag}") as bar:
+                with self.bar(cfg.mtt.num_experts, f"mtt experts {tag}", "mtt experts", len(pool.y)) as bar:
                     paths = train_experts(pool, cfg.mtt, os.path.join(self.out_dir, "experts", tag), aug, 0, bar)
-                with self.bar(cfg.mtt.iterations, f"mtt {tag} seed {seed}") as bar:
+                with self.bar(cfg.mtt.iterations, f"mtt {tag} seed {seed}", "mtt", len(syn.labels)) as bar:
                     distill_mtt(pool, syn, cfg.mtt, aug, s, paths, bar)
             else:
                 raise ValueError(f"--method {method!r}: expected one of {METHODS}")
@@ -223,6 +232,13 @@ class Runner:
                       len(self.groups))
 
 
+def _settings(cfg: CondenseConfig) -> str:
+    iters = {"dm": cfg.dm.iterations, "dsa": cfg.gm.iterations, "mtt": cfg.mtt.iterations}
+    return (", ".join(f"{m} {iters[m]} iterations" for m in cfg.methods)
+            + f"; evaluation {cfg.eval.repeats} x {cfg.eval.steps} steps; ConvNet width {cfg.eval.width}; "
+            f"{cfg.seeds} seed(s)")
+
+
 def run_condense(cfg: CondenseConfig, out_dir: str, progress: bool = True) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -238,10 +254,16 @@ def run_condense(cfg: CondenseConfig, out_dir: str, progress: bool = True) -> di
     if tail:
         log.info("tail rule: class(es) %s have fewer real images than IPC %d; using all of them (%s)",
                  sorted(tail), cfg.ipc, tail)
+    groups = groups_by_frequency(runner.counts, cfg.groups) if cfg.grouping == "frequency" else (
+        groups_by_shots(runner.counts) if cfg.grouping == "shots" else None)
+    runner.clock = RunClock(plan(cfg, runner.counts, budget, groups))
+    log.info("preset %s on %s: %s", cfg.preset, cfg.device, _settings(cfg))
     t0 = time.perf_counter()
     for seed in range(cfg.seeds):
         runner.run_seed(seed)
         log.info("seed %d done (%.0f s)", seed, time.perf_counter() - t0)
+        if seed + 1 < cfg.seeds:
+            runner.clock.report()
     methods = {}
     for name, runs in runner.runs.items():
         methods[name] = {**summarize(runs), "images": runner.images[name],
@@ -250,6 +272,7 @@ def run_condense(cfg: CondenseConfig, out_dir: str, progress: bool = True) -> di
                "evals": cfg.eval.repeats, "split": "test", "class_counts": runner.counts, "budget": budget,
                "tail_rule": {str(k): v for k, v in tail.items()}, "groups": runner.groups, "grouping": cfg.grouping,
                "config": dataclasses.asdict(cfg), "methods": methods,
-               "total_time_s": time.perf_counter() - t0}
+               "preset": {"name": cfg.preset, "why": cfg.preset_why, "device": cfg.device},
+               "time_estimate": runner.clock.record(), "total_time_s": time.perf_counter() - t0}
     write_results(out_dir, results)
     return results

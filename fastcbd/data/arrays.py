@@ -1,12 +1,15 @@
 """In-memory image datasets: MNIST-LT (embedded) and user `.npz` files with the same layout."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from fastcbd.data.files import MAX_CLASSES
 from fastcbd.data.profile import LabelledSplit, long_tail_counts, shot_groups
+from fastcbd.errors import BadInputError
 
 
 @dataclass
@@ -86,58 +89,96 @@ def mnist_lt(rho: float = 100.0, seed: int = 0, test_per_class: int = 100, split
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+def _read(path: str, data, key: str) -> np.ndarray:
+    """Array `key` of an open .npz: its .npy header is checked first (an integer or uint8 dtype, not object;
+    a shape that fits in the member's bytes), so a corrupt header cannot make numpy allocate terabytes."""
+    member = key + ".npy" if key + ".npy" in data.zip.namelist() else key
+    fmt = np.lib.format
+    try:
+        with data.zip.open(member) as f:
+            version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version}")
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f, max_header_size=10_000)
+        if dtype.kind not in "iu":
+            raise BadInputError(f"{path}: array '{key}' must be " + ("uint8 images" if key.startswith("x") else
+                                "integer labels") + f", got dtype {dtype}")
+        size = math.prod(shape) * dtype.itemsize
+        if size > data.zip.getinfo(member).file_size:
+            raise BadInputError(f"{path}: array '{key}': its header says shape {shape} {dtype} ({size} bytes), "
+                                f"more than the {data.zip.getinfo(member).file_size} bytes stored")
+        return data[key]
+    except BadInputError:
+        raise
+    except Exception as exc:  # a corrupt zip member or .npy header: a bad file
+        raise BadInputError(f"{path}: array '{key}' cannot be read ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from exc
+
+
 def _check_images(path: str, key: str, x: np.ndarray) -> np.ndarray:
     if x.dtype != np.uint8:
-        raise ValueError(f"{path}: array '{key}' must be uint8 images, got dtype {x.dtype}")
+        raise BadInputError(f"{path}: array '{key}' must be uint8 images, got dtype {x.dtype}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise ValueError(f"{path}: array '{key}' must be N x H x W or N x H x W x C, got shape {x.shape}")
+        raise BadInputError(f"{path}: array '{key}' must be N x H x W or N x H x W x C, got shape {x.shape}")
     if x.shape[0] == 0:
-        raise ValueError(f"{path}: array '{key}' is empty")
+        raise BadInputError(f"{path}: array '{key}' is empty")
+    if 0 in x.shape[1:]:
+        raise BadInputError(f"{path}: array '{key}' has images of shape {x.shape[1:]} (no pixels)")
     return x
 
 
 def _check_labels(path: str, key: str, y: np.ndarray, n: int, num_classes: int | None) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{path}: array '{key}' must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+        raise BadInputError(f"{path}: array '{key}' must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
     if len(y) != n:
-        raise ValueError(f"{path}: array '{key}' has {len(y)} labels for {n} images")
-    hi = num_classes if num_classes is not None else None
-    bad = (y < 0) if hi is None else ((y < 0) | (y >= hi))
+        raise BadInputError(f"{path}: array '{key}' has {len(y)} labels for {n} images")
+    hi = num_classes if num_classes is not None else MAX_CLASSES
+    bad = (y < 0) | (y >= hi)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        rng = "[0, C)" if hi is None else f"[0, {hi})"
-        raise ValueError(f"{path}: array '{key}' has label {int(y[i])} at index {i}, outside {rng}")
+        rng = f"[0, C) (at most {MAX_CLASSES} classes)" if num_classes is None else f"[0, {hi}) (C = max(y_train) + 1)"
+        raise BadInputError(f"{path}: array '{key}' has label {y[i]} at index {i}, outside {rng}")
     return y.astype(np.int64)
 
 
 def load_npz(path: str, name: str | None = None) -> ArraySplits:
     """A user dataset: `.npz` with x_train, y_train, x_test, y_test (uint8 images, labels 0..C-1).
 
-    C is max(y_train) + 1; every class 0..C-1 must have at least one training image.
+    C is max(y_train) + 1 (at most MAX_CLASSES); every class 0..C-1 must have at least one training image.
+    A file that is not such an archive raises BadInputError naming it and the array (np.load with
+    allow_pickle=False: object arrays are refused, never unpickled).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path}: no such file")
     try:
         data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
-    missing = [k for k in NPZ_KEYS if k not in data.files]
-    if missing:
-        raise ValueError(f"{path}: missing array(s) {', '.join(missing)} (has {', '.join(data.files) or 'none'})")
-    x_train = _check_images(path, "x_train", data["x_train"])
-    x_test = _check_images(path, "x_test", data["x_test"])
+    except Exception as exc:  # not a zip or .npy, truncated, unreadable: a bad file
+        raise BadInputError(f"{path}: not a readable .npz file ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise BadInputError(f"{path}: a single .npy array, not an .npz archive of {', '.join(NPZ_KEYS)}")
+    with data:
+        missing = [k for k in NPZ_KEYS if k not in data.files]
+        if missing:
+            have = ", ".join(repr(f)[1:-1] for f in data.files[:10])  # repr: a corrupt name may hold a newline
+            raise BadInputError(f"{path}: missing array(s) {', '.join(missing)} (has {have or 'none'})")
+        arrays = {k: _read(path, data, k) for k in NPZ_KEYS}
+    x_train = _check_images(path, "x_train", arrays["x_train"])
+    x_test = _check_images(path, "x_test", arrays["x_test"])
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"{path}: 'x_train' images are {x_train.shape[1:]} but 'x_test' images are {x_test.shape[1:]}")
-    y_train = _check_labels(path, "y_train", data["y_train"], len(x_train), None)
+        raise BadInputError(f"{path}: 'x_train' images are {x_train.shape[1:]} but 'x_test' images are "
+                            f"{x_test.shape[1:]}")
+    y_train = _check_labels(path, "y_train", arrays["y_train"], len(x_train), None)
     num_classes = int(y_train.max()) + 1
-    y_test = _check_labels(path, "y_test", data["y_test"], len(x_test), num_classes)
+    y_test = _check_labels(path, "y_test", arrays["y_test"], len(x_test), num_classes)
     counts = np.bincount(y_train, minlength=num_classes)
     empty = np.flatnonzero(counts == 0)
     if len(empty):
-        raise ValueError(
-            f"{path}: array 'y_train' has no image of class(es) {empty.tolist()} "
-            f"(labels must cover 0..{num_classes - 1})"
+        raise BadInputError(
+            f"{path}: array 'y_train' has no image of class(es) {empty[:20].tolist()}{' ...' if len(empty) > 20 else ''}"
+            f" (labels must cover 0..{num_classes - 1})"
         )
     return ArraySplits(name or os.path.splitext(os.path.basename(path))[0], x_train, y_train, x_test, y_test, num_classes)

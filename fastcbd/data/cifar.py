@@ -4,6 +4,10 @@ CIFAR-10: `data_batch_1..5`, `test_batch` with `data` (N, 3072) uint8 and `label
 `train`, `test` with `data` and `fine_labels`. `root` is the folder holding them, or its parent
 (`cifar-10-batches-py`, `cifar-100-python`). The pickles are read with encoding="bytes", so both the
 original (Python 2) files and re-pickled ones load.
+
+Unpickling runs whatever callable a file names, so a batch is read by an unpickler that allows only what a
+batch holds (dicts, lists, bytes, strings, numbers, numpy arrays, dtypes and scalars): a file naming any
+other callable is refused (BadInputError), never run.
 """
 from __future__ import annotations
 
@@ -30,40 +34,84 @@ def _folder(root: str, num_classes: int) -> str:
     raise FileNotFoundError(f"CIFAR-{num_classes}: no {train_files[0]} in {root} or {os.path.join(root, sub)}")
 
 
+# (module, name) of every callable a CIFAR batch may name: numpy's array / dtype / scalar reconstructors
+# (numpy.core in files pickled before numpy 2, numpy._core after) and _codecs.encode (bytes, protocol 2)
+SAFE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (f"numpy.{core}.{mod}", name) for core in ("core", "_core")
+    for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only SAFE_GLOBALS (anything else: UnpicklingError, nothing is run)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}; a CIFAR batch holds only dicts, lists, "
+                                         "numbers and numpy arrays")
+        if module.startswith("numpy.core."):  # numpy 2 keeps numpy.core only as a deprecated alias
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
+def _describe(value) -> str:
+    return f"a {value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
 def _field(batch: dict, key: str, path: str):
     for k in (key, key.encode()):
         if k in batch:
             return batch[k]
-    have = ", ".join(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
-    raise BadInputError(f"{path}: no '{key}' field (has {have})")
+    have = ", ".join(repr(k.decode(errors="replace") if isinstance(k, bytes) else k)[:40] for k in list(batch)[:10])
+    raise BadInputError(f"{path}: no '{key}' field (has {have or 'none'})")
+
+
+def _labels(y, n: int, path: str, key: str, num_classes: int) -> np.ndarray:
+    """(n,) int64 labels in [0, num_classes) from a list of ints or a 1-D integer array (BadInputError else)."""
+    if isinstance(y, (list, tuple)):
+        for i, v in enumerate(y):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise BadInputError(f"{path}: field '{key}'[{i}] must be an integer label, got {_describe(v)}")
+            if not 0 <= v < num_classes:
+                shown = v if -(10**30) < v < 10**30 else "an integer of over 30 digits"  # str() refuses > 4300
+                raise BadInputError(f"{path}: field '{key}'[{i}] = {shown} is outside [0, {num_classes})")
+    elif isinstance(y, np.ndarray) and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        bad = np.flatnonzero((y < 0) | (y >= num_classes))
+        if len(bad):
+            raise BadInputError(f"{path}: field '{key}'[{bad[0]}] = {y[bad[0]]} is outside [0, {num_classes})")
+    else:
+        raise BadInputError(f"{path}: field '{key}' must be a list or 1-D integer array of labels, got {_describe(y)}")
+    if len(y) != n:
+        raise BadInputError(f"{path}: field '{key}' has {len(y)} labels for {n} images")
+    return np.asarray(y, dtype=np.int64)
 
 
 def read_batches(folder: str, names: list[str], label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 32, 32, 3) uint8 and labels (N,) int64 of the named pickle batches."""
+    """Images (N, 32, 32, 3) uint8 and labels (N,) int64 of the named pickle batches; every class needs an
+    image. A file that is not such a batch raises BadInputError naming it and the field."""
     xs, ys = [], []
     for name in names:
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = BatchUnpickler(f, encoding="bytes").load()
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{path}: no such CIFAR batch file") from exc
-        except Exception as exc:  # truncated or not a pickle
-            raise BadInputError(f"{path}: not a readable CIFAR pickle batch ({exc!r})") from exc
+        except Exception as exc:  # truncated, not a pickle, or a refused callable: a bad file
+            raise BadInputError(f"{path}: not a readable CIFAR pickle batch ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:200]})") from exc
         if not isinstance(batch, dict):
-            raise BadInputError(f"{path}: expected a dict with 'data' and '{label_key}'")
-        x = np.asarray(_field(batch, "data", path))
-        y = np.asarray(_field(batch, label_key, path))
-        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-            raise BadInputError(f"{path}: field 'data' must be N x 3072 uint8, got {x.shape} {x.dtype}")
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise BadInputError(f"{path}: field '{label_key}' must hold {len(x)} integer labels, got {y.shape} {y.dtype}")
-        bad = np.flatnonzero((y < 0) | (y >= num_classes))
-        if len(bad):
-            raise BadInputError(f"{path}: field '{label_key}'[{bad[0]}] = {y[bad[0]]} is outside [0, {num_classes})")
+            raise BadInputError(f"{path}: expected a dict with 'data' and '{label_key}', got {_describe(batch)}")
+        x = _field(batch, "data", path)
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+            raise BadInputError(f"{path}: field 'data' must be an N x 3072 uint8 array, got {_describe(x)}")
+        ys.append(_labels(_field(batch, label_key, path), len(x), path, label_key, num_classes))
         xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(y.astype(np.int64))
-    return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+    y = np.concatenate(ys)
+    empty = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
+    if len(empty):
+        raise BadInputError(f"{os.path.join(folder, names[0])}{' ...' if len(names) > 1 else ''}: no image of "
+                            f"class(es) {empty[:10].tolist()}{' ...' if len(empty) > 10 else ''} in field '{label_key}'")
+    return np.ascontiguousarray(np.concatenate(xs)), y
 
 
 def _long_tail(y: np.ndarray, num_classes: int, rho: float, seed: int, val_per_class: int = 0):

@@ -2,8 +2,9 @@
 
 Every format reader builds an `ImageFiles` per split through a `Problems` collector: a bad item (a
 missing file, a label that is not an integer or is >= C, a class with no image) raises a
-`BadInputError` naming the file and the line or field, or, with `skip_bad=True`, is skipped, counted
-and logged.
+`BadInputError` (fastcbd.errors) naming the file and the line or field, or, with `skip_bad=True`, is
+skipped, counted and logged. A file that cannot be read as its format at all (not JSON, no usable line)
+raises BadInputError with or without skip_bad.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastcbd.data.profile import LabelledSplit
+from fastcbd.errors import BadInputError
 
 log = logging.getLogger("fastcbd")
 
@@ -21,8 +23,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BadInputError(ValueError):
-    """A dataset item that cannot be used; the message names the file and the line or field."""
+# The most classes a dataset may have (iNat18 has 8,142): a label or category count above it is a typo or
+# a corrupt file, and would otherwise size the per-class arrays.
+MAX_CLASSES = 1 << 20
 
 
 class Problems:
@@ -80,7 +83,10 @@ def make_split(name: str, source: str, paths: list[str], labels: list[int], num_
         raise BadInputError(f"{source}: no usable image in this split")
     split = ImageFiles(name, list(paths), y, int(num_classes), problems.items)
     if train:
-        for c in np.flatnonzero(np.bincount(y, minlength=num_classes) == 0):
+        empty = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
+        if len(empty) > 10:  # one item for many (a typo in one label can leave thousands of classes empty)
+            problems(source, f"{len(empty)} classes have no image: {', '.join(map(str, empty[:10].tolist()))}, ...")
+        for c in empty if len(empty) <= 10 else ():
             problems(source, f"class {int(c)} has no image")
     problems.report(source)
     return split

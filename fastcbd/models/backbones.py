@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcbd.errors import ConfigError
+
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -85,12 +87,22 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
 
-def build_backbone(name: str, in_channels: int = 3, width: int = 0) -> nn.Module:
-    """name: small_cnn | resnet32 | resnet20 | resnet18 | resnet50; width (small_cnn only): 0 = default."""
+def build_backbone(name: str, in_channels: int = 3, width: int = 0, image_size=None, options: dict | None = None,
+                   weights: str = "") -> nn.Module:
+    """name: small_cnn | resnet32 | resnet20 | resnet18 | resnet50 | timm:<name>; width (small_cnn only):
+    0 = default. image_size (H, W), options (create_model kwargs) and weights (a local file) are for timm
+    backbones (fastcbd.models.timm_backbone)."""
+    if name.startswith("timm:"):
+        from fastcbd.models.timm_backbone import TimmBackbone
+
+        return TimmBackbone(name[5:], in_channels, image_size, options, weights)
+    if options or weights:
+        raise ConfigError(f"model.timm_kwargs and model.weights apply to timm:<name> backbones, not {name!r}")
     if name == "small_cnn":
         return SmallCNN(in_channels, width or 32)
     if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
         return TorchvisionResNet(name, in_channels)
     if name.startswith("resnet") and name[6:].isdigit() and (int(name[6:]) - 2) % 6 == 0:
         return ResNetCifar(int(name[6:]), in_channels)
-    raise ValueError(f"model.backbone={name!r}: expected small_cnn, resnet32 (CIFAR, 6n+2), resnet18 or resnet50")
+    raise ConfigError(f"model.backbone={name!r}: expected small_cnn, resnet32 (CIFAR, 6n+2), resnet18, resnet50 "
+                     "or timm:<name> (e.g. timm:resnet50, timm:vit_small_patch16_224)")

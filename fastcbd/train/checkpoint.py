@@ -7,6 +7,7 @@ import os
 import torch
 
 from fastcbd.models import Student, Teacher
+from fastcbd.models.cbd import backbone_kwargs
 from fastcbd.models.heads import LWS, LinearHead, PostHocAdjusted
 
 FORMAT = "fastcbd.model/1"
@@ -30,15 +31,20 @@ def atomic_save(obj, path: str) -> None:
         os.close(fd)
 
 
-def save_model(path: str, model: torch.nn.Module, arch: dict, meta: dict | None = None) -> None:
+def save_model(path: str, model: torch.nn.Module, arch: dict, meta: dict | None = None,
+               info: dict | None = None) -> None:
     """arch: what rebuilds the network: role (teacher | student), backbone, num_classes, in_channels,
-    sigma, and proj_dim for a student. Under torchrun only rank 0 writes (pass the unwrapped model)."""
+    sigma, image_size, timm_kwargs (timm backbones), and proj_dim for a student. info (Context.info()):
+    'input' {channels, size, mean, std, resize} and 'class_names', what predict and export need; plain
+    lists, numbers and strings, so the file stays loadable with weights_only=True. Under torchrun only
+    rank 0 writes (pass the unwrapped model)."""
     from fastcbd.train.distributed import is_main
 
     if not is_main():
         return
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"format": FORMAT, "arch": dict(arch), "state_dict": state, "meta": dict(meta or {})}, path)
+    extra = {k: v for k, v in (info or {}).items() if k in ("input", "class_names")}
+    atomic_save({"format": FORMAT, "arch": dict(arch), "state_dict": state, "meta": dict(meta or {}), **extra}, path)
 
 
 def wrap_head(teacher: torch.nn.Module, arch: dict) -> torch.nn.Module:
@@ -55,27 +61,81 @@ def wrap_head(teacher: torch.nn.Module, arch: dict) -> torch.nn.Module:
 
 
 def load_model(path: str, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, the file's dict without the weights)."""
+    """(model in eval mode, the file's dict without the weights). A file that is not a fastcbd model file
+    (unreadable, another format, fields of the wrong type, weights that do not fit the arch) raises
+    fastcbd.errors.BadInputError naming it and the field."""
+    from fastcbd.errors import BadInputError
+
+    def show(value, n: int = 40) -> str:
+        try:
+            return repr(value)[:n]
+        except ValueError:  # an int of > 4300 digits
+            return f"a {type(value).__name__} too large to print"
+
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable fastcbd model file ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # truncated, not a zip, refused by weights_only: not a model file
+        raise BadInputError(f"{path}: not a readable fastcbd model file ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fastcbd model file (format {blob.get('format') if isinstance(blob, dict) else None!r})")
-    arch = blob["arch"]
-    if arch["role"] == "student":
-        model = Student(arch["backbone"], arch["num_classes"], arch["proj_dim"], arch["in_channels"], arch["sigma"],
-                        arch.get("width", 0))
-    else:
-        model = Teacher(arch["backbone"], arch["num_classes"], arch["in_channels"], arch["sigma"], arch.get("width", 0))
-        if arch.get("head"):
-            model = wrap_head(model, arch)
+        raise BadInputError(f"{path}: not a fastcbd model file (format "
+                            f"{show(blob.get('format')) if isinstance(blob, dict) else None})")
+    # The arch's fields are checked before a network is built from them: a wrong type would fail deep in a
+    # constructor, and a num_classes, proj_dim or depth the weights do not have would allocate (or build) a
+    # network of that size first.
+    for key in ("arch", "state_dict", "meta"):
+        if not isinstance(blob.get(key), dict):
+            raise BadInputError(f"{path}: field '{key}' must be a dict, got {type(blob.get(key)).__name__}")
+    arch, state = blob["arch"], blob["state_dict"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BadInputError(f"{path}: field 'state_dict' must map parameter names to tensors")
+    student = arch.get("role") == "student"
+    if arch.get("role") not in ("teacher", "student") or not isinstance(arch.get("backbone"), str):
+        raise BadInputError(f"{path}: field 'arch' needs role (teacher or student) and backbone (a name), got "
+                            f"{show(arch.get('role'))}, {show(arch.get('backbone'))}")
+    depth = arch["backbone"][6:] if arch["backbone"].startswith("resnet") else ""
+    if depth.isascii() and depth.isdigit() and (len(depth) > 4 or int(depth) > 1202):  # He et al. 2016's deepest
+        raise BadInputError(f"{path}: field 'arch.backbone' {arch['backbone'][:40]!r} is deeper than resnet1202")
+    for key, low in (("num_classes", 1), ("in_channels", 1), ("width", 0), *((("proj_dim", 1),) if student else ())):
+        value = arch.get(key, 0) if key == "width" else arch.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 1 << 20:
+            raise BadInputError(f"{path}: field 'arch.{key}' must be an integer in [{low}, {1 << 20}], "
+                                f"got {show(value)}")
+    for key in ("sigma", "tau"):
+        value = arch.get(key, 1.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) < 1e300:
+            raise BadInputError(f"{path}: field 'arch.{key}' must be a finite number, got {show(value)}")
+    if arch.get("head") not in (None, "", "lws", "tau_norm", "logit_adj_posthoc"):
+        raise BadInputError(f"{path}: field 'arch.head' {show(arch['head'])}: expected lws, tau_norm or "
+                            "logit_adj_posthoc")
+    heads = [v.shape for k, v in state.items() if k.endswith("classifier.weight") and v.ndim == 2]
+    if not any(h[0] == arch["num_classes"] and (not student or h[1] == arch["proj_dim"]) for h in heads):
+        raise BadInputError(f"{path}: field 'arch' says {arch['num_classes']} classes"
+                            + (f" on {arch['proj_dim']} features" if student else "")
+                            + f", the classifier weights are {[tuple(h) for h in heads] or 'missing'}")
+    convs = [v.shape[1] for v in state.values() if v.ndim == 4]
+    if convs and arch["in_channels"] not in convs:
+        raise BadInputError(f"{path}: field 'arch.in_channels' is {arch['in_channels']}, no convolution of the "
+                            "weights has that many input channels")
+    try:
+        if arch["role"] == "student":
+            model = Student(arch["backbone"], arch["num_classes"], arch["proj_dim"], arch["in_channels"], arch["sigma"],
+                            arch.get("width", 0), **backbone_kwargs(arch))
+        else:
+            model = Teacher(arch["backbone"], arch["num_classes"], arch["in_channels"], arch["sigma"],
+                            arch.get("width", 0), **backbone_kwargs(arch))
+            if arch.get("head"):
+                model = wrap_head(model, arch)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. an unknown backbone name: the file's arch
+        raise BadInputError(f"{path}: field 'arch' {show(arch, 300)} does not describe a fastcbd model "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not match the architecture {arch}: {exc}") from exc
+        raise BadInputError(f"{path}: weights do not match the architecture {show(arch, 300)}: "
+                            f"{' '.join(str(exc).split())[:300]}") from exc
     model.to(device).eval()
     return model, {k: v for k, v in blob.items() if k != "state_dict"}
 

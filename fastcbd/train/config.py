@@ -1,13 +1,18 @@
 """Run configuration: dataclass defaults < YAML file (--config) < dotted overrides (train.lr=0.1).
 
-An unknown key is an error that names it; the resolved config is written next to the outputs.
+An unknown key, a value of the wrong type and a file that is not a YAML mapping raise ConfigError
+(fastcbd.errors) naming the file and the key; the resolved config is written next to the outputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 
 import yaml
+
+from fastcbd.errors import ConfigError
 
 
 @dataclass
@@ -29,9 +34,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # small_cnn | resnet32 | resnet18 | resnet50
+    backbone: str = "small_cnn"  # small_cnn | resnet32 | resnet18 | resnet50 | timm:<name> (pip install fastcbd[timm])
     sigma: float = 20.0  # cosine-classifier scale
     width: int = 16  # small_cnn channel width (16 -> 64 features)
+    timm_kwargs: dict = field(default_factory=dict)  # timm:<name>: more timm.create_model arguments, e.g.
+    # '{patch_size: 7, embed_dim: 192, depth: 6}' (in_chans and img_size follow the data)
+    weights: str = ""  # timm:<name>: local initial weights (.safetensors or a state dict); never downloaded
 
 
 @dataclass
@@ -108,78 +116,157 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-def _coerce(value, current, key: str):
-    """Cast `value` to the type of the default `current` (YAML and the command line give strings/lists)."""
-    if isinstance(current, bool):
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"config key '{key}': expected a boolean, got {value!r}")
-        return bool(value)
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        try:
-            v = yaml.safe_load(value) if isinstance(value, str) else value
-            return type(current)(v) if not (isinstance(current, int) and isinstance(v, float) and v != int(v)) else v
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"config key '{key}': expected a number, got {value!r}") from exc
-    if isinstance(current, tuple):
-        v = yaml.safe_load(value) if isinstance(value, str) else value
-        if not isinstance(v, (list, tuple)):
-            raise ValueError(f"config key '{key}': expected a list, got {value!r}")
-        return tuple(v)
-    return value if not isinstance(value, str) or isinstance(current, str) else yaml.safe_load(value)
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _show(value) -> str:
+    """A value as a message shows it (one line, short)."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, int) and not -(10**60) < value < 10**60:  # repr() refuses ints of > 4300 digits
+        return "an integer of more than 60 digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse(value: str, key: str):
+    """An override's string as YAML reads it ('3' -> 3, '[a, b]' -> list, 'true' -> True)."""
+    try:
+        return yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of > 4300 digits
+        raise ConfigError(f"config key '{key}': cannot read {_show(value)} ({_yaml_problem(exc)})") from exc
+
+
+def _coerce(value, template, key: str):
+    """`value` (from YAML, or an override's string) as the type of the default `template`: bool, int, float,
+    str, a mapping (str keys), or a tuple of the default's element type (numeric pairs keep their length).
+    ConfigError naming the key otherwise: a mapping or list where a scalar is expected, a non-integer for an
+    int, NaN or inf, null."""
+    if isinstance(value, str) and not isinstance(template, str):
+        value = _parse(value, key)
+    if isinstance(template, bool):
+        if isinstance(value, str) and value.lower() in BOOLS:
+            return BOOLS[value.lower()]
+        if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+            return bool(value)
+        raise ConfigError(f"config key '{key}': expected a boolean, got {_show(value)}")
+    if isinstance(template, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value}")
+        if ok and isinstance(template, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"config key '{key}': expected a number (an integer), got {value}")
+            if not -(2**63) <= value < 2**63:
+                raise ConfigError(f"config key '{key}': {_show(value)} is too large")
+            return int(value)
+        if ok and abs(value) < 2.0**1023:
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number" + (" that fits a float" if ok else "")
+                          + f", got {_show(value)}")
+    if isinstance(template, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {_show(value)}")
+        if template and not isinstance(template[0], str) and len(value) != len(template):
+            raise ConfigError(f"config key '{key}': expected a list of {len(template)} numbers, got {_show(value)}")
+        return tuple(_coerce(v, template[0], f"{key}[{i}]") for i, v in enumerate(value)) if template else tuple(value)
+    if isinstance(template, dict):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}': expected a mapping of names to values, got {_show(value)}")
+        return dict(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML `path: 2024`
+        return str(value)
+    hint = " (YAML reads on/off/yes/no as booleans: quote it)" if isinstance(value, bool) else ""
+    raise ConfigError(f"config key '{key}': expected a string, got {_show(value)}{hint}")
+
+
+def _default(f: dataclasses.Field, current):
+    """A field's default: the type `_coerce` casts to (the current value may be a tuple emptied by an override)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else current
 
 
 def merge(cfg, updates: dict, prefix: str = ""):
-    """Apply a nested dict of updates to a dataclass in place; unknown keys raise naming the key."""
-    names = {f.name for f in dataclasses.fields(cfg)}
+    """Apply a nested dict of updates to a dataclass in place; ConfigError naming the key for an unknown key,
+    a value where a section is expected or a value of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     for key, value in (updates or {}).items():
         path = f"{prefix}{key}"
-        if key not in names:
-            raise ValueError(f"unknown config key '{path}' (known at this level: {', '.join(sorted(names))})")
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"unknown config key {path!r} (known at this level: {', '.join(sorted(fields))})")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"config key '{path}' is a section; give its fields, got {value!r}")
+                raise ConfigError(f"config key '{path}' is a section; give its fields, got {_show(value)}")
             merge(current, value, path + ".")
         else:
-            setattr(cfg, key, _coerce(value, current, path))
+            setattr(cfg, key, _coerce(value, _default(fields[key], current), path))
     return cfg
 
 
+KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
 def parse_overrides(items) -> dict:
-    """['train.lr=0.1', 'seed=3'] -> {'train': {'lr': '0.1'}, 'seed': '3'}."""
+    """['train.lr=0.1', 'seed=3'] -> {'train': {'lr': '0.1'}, 'seed': '3'}; a later override of a key wins.
+    ConfigError for an item that is not `dotted.key=value`, or that sets a key inside one an earlier item set."""
     out: dict = {}
     for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {_show(item)} must look like key.sub=value")
         key, value = item.split("=", 1)
+        key = key.strip()
+        if not KEY.fullmatch(key):
+            raise ConfigError(f"override {_show(item)}: {key!r} is not a config key (dotted names, e.g. teacher.optim.lr)")
         node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {_show(item)}: an earlier override gives "
+                                  f"'{'.'.join(parts[: i + 1])}' a value, so it has no keys")
         node[parts[-1]] = value
     return out
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """One line of a YAML error: where and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    context = getattr(exc, "context", None)
+    return f"{where}{what}" + (f", {context}" if context else "")
+
+
 def load_config(path: str | None = None, overrides=None, base: Config | None = None) -> Config:
+    """Defaults (or `base`) < the YAML file at `path` < `overrides`; ConfigError naming the file and the key."""
     cfg = base or Config()
     if path:
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, "rb") as f:  # bytes: PyYAML detects the encoding and names a bad byte
+                data = yaml.safe_load(f)
         except OSError as exc:
-            raise ValueError(f"--config {path}: cannot read ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--config {path}: invalid YAML ({exc})") from exc
+            raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of > 4300 digits
+            raise ConfigError(f"--config {path}: invalid YAML ({_yaml_problem(exc)})") from exc
+        except RecursionError as exc:
+            raise ConfigError(f"--config {path}: invalid YAML (nested too deeply)") from exc
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"--config {path}: expected a mapping at the top level")
+            raise ConfigError(f"--config {path}: expected a mapping of config keys at the top level, got {_show(data)}")
         try:
             merge(cfg, data)
-        except ValueError as exc:
-            raise ValueError(f"--config {path}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"--config {path}: {exc}") from exc
     merge(cfg, parse_overrides(overrides))
     check_choices(cfg)
     return cfg
@@ -189,14 +276,31 @@ CHOICES = {("amp",): ("none", "bf16", "fp16"), ("data", "loader"): ("auto", "dal
            ("student", "sampler"): ("balanced", "sqrt", "progressive", "instance")}
 
 
+# the smallest value of keys that are counts or factors (checked here, so that a typo is a ConfigError
+# naming the key rather than an error deep in a run)
+MINIMUM = {("data", "rho"): 1, ("data", "batch_size"): 1, ("data", "image_size"): 1, ("data", "num_classes"): 0,
+           ("teacher", "optim", "accum"): 1, ("student", "optim", "accum"): 1, ("crt", "accum"): 1}
+
+
 def check_choices(cfg) -> None:
-    """A config key with a fixed set of values names the key and the values when it has another one."""
-    for path, allowed in CHOICES.items():
+    """A config key with a fixed set of values (CHOICES, data.dataset, data.split) or a smallest value
+    (MINIMUM) names the key and what it may be (ConfigError) when it has another value."""
+    from fastcbd.train.pipeline import DATASETS
+
+    data = {("data", "dataset"): DATASETS, ("data", "split"): ("test", "val")}  # as pipeline.load_data words them
+    for path, allowed in {**CHOICES, **data}.items():
         node = cfg
         for part in path:
             node = getattr(node, part, None)
         if node is not None and node not in allowed:
-            raise ValueError(f"config key '{'.'.join(path)}': {node!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{'.'.join(path)}': {node!r}"
+                              + (" is not one of " if path in CHOICES else ": expected one of ") + ", ".join(allowed))
+    for path, low in MINIMUM.items():
+        node = cfg
+        for part in path:
+            node = getattr(node, part, None)
+        if node is not None and node < low:
+            raise ConfigError(f"config key '{'.'.join(path)}': {node} is less than {low}")
 
 
 def to_dict(cfg) -> dict:

@@ -8,6 +8,8 @@ import copy
 
 import torch
 
+from fastcbd.errors import ConfigError
+
 
 def same_architecture(modules) -> bool:
     first = modules[0]
@@ -34,7 +36,8 @@ class StackedTeachers:
         teachers = list(teachers)
         backbones = [t.backbone for t in teachers]
         if not same_architecture(backbones):
-            raise ValueError("batched teachers need one architecture; these differ (use teacher.batched=off)")
+            raise ConfigError("teacher.batched=on needs teachers of one architecture (and shapes); these differ "
+                              "(e.g. timm:resnet50 and timm:vit_small_patch16_224): use teacher.batched=off")
         for b in backbones:
             b.eval()
         self.params, self.buffers = torch.func.stack_module_state(backbones)
@@ -56,5 +59,5 @@ def ensemble(teachers, batched: str = "auto"):
     if batched == "on" and len(teachers) > 1:
         return StackedTeachers(teachers)
     if batched not in ("on", "off", "auto"):
-        raise ValueError(f"teacher.batched={batched!r}: expected on, off or auto")
+        raise ConfigError(f"teacher.batched={batched!r}: expected on, off or auto")
     return LoopTeachers(teachers)

@@ -78,7 +78,7 @@ def train_teachers(ctx: Context, out_dir: str) -> list[tuple[str, str]]:
         t0 = time.perf_counter()
         model = train_teacher(ctx, kind, teacher_seed(cfg, i), desc=name)
         save_model(path, model, ctx.arch("teacher"), {"name": name, "kind": kind, "seed": teacher_seed(cfg, i),
-                                                      "seconds": round(time.perf_counter() - t0, 2)})
+                                                      "seconds": round(time.perf_counter() - t0, 2)}, ctx.info())
         log.info("%s: trained in %.1fs -> %s", name, time.perf_counter() - t0, path)
         made.append((name, path))
     return made
@@ -121,13 +121,13 @@ def run_cbd(cfg: Config, out_dir: str, splits: ArraySplits | None = None, progre
     t0 = time.perf_counter()
     cbd = train_student(ctx, [teachers[0][2]], cfg.seed * 100 + 52, desc="cbd")
     save_model(os.path.join(out_dir, "cbd", "model.pt"), cbd, ctx.arch("student", proj_dim=cbd.out_features),
-               {"teachers": [{"path": teachers[0][1], "sha256": file_hash(teachers[0][1])}]})
+               {"teachers": [{"path": teachers[0][1], "sha256": file_hash(teachers[0][1])}]}, ctx.info())
     record("cbd", cbd, t0)
     if len(teachers) > 1:
         t0 = time.perf_counter()
         ens = train_student(ctx, [t[2] for t in teachers], cfg.seed * 100 + 53, desc="cbd_ens")
         save_model(os.path.join(out_dir, "cbd_ens", "model.pt"), ens, ctx.arch("student", proj_dim=ens.out_features),
-                   {"teachers": [{"path": p, "sha256": file_hash(p)} for _, p, _ in teachers]})
+                   {"teachers": [{"path": p, "sha256": file_hash(p)} for _, p, _ in teachers]}, ctx.info())
         record("cbd_ens", ens, t0)
 
     results = {"dataset": splits.name, "split": cfg.data.split, "rho": float(cfg.data.rho), "seed": int(cfg.seed),

@@ -74,6 +74,7 @@ class Context:
         D.init(self.device)  # joins the process group under torchrun; a no-op otherwise
         self.mean, self.std = channel_stats(splits)
         self.in_channels = splits.image_shape[0]
+        self.image_size = [int(v) for v in splits.image_shape[1:]]
 
     def _loader(self, train: bool, batch_size: int, **kw):
         d = self.cfg.data
@@ -105,9 +106,21 @@ class Context:
 
     def arch(self, role: str, **extra) -> dict:
         m = self.cfg.model
+        timm = {"timm_kwargs": dict(m.timm_kwargs)} if m.timm_kwargs else {}
         return {"role": role, "backbone": m.backbone, "num_classes": self.splits.num_classes,
                 "in_channels": self.in_channels, "sigma": m.sigma,
-                "width": m.width, **extra}
+                "width": m.width, "image_size": self.image_size, **timm, **extra}
+
+    def backbone_kw(self) -> dict:
+        """build_backbone's image_size, options and initial weights for a fresh network of this run."""
+        m = self.cfg.model
+        return {"image_size": self.image_size, "options": dict(m.timm_kwargs), "weights": m.weights}
+
+    def info(self) -> dict:
+        """What a model file records for predict / export: input size, normalisation, class names."""
+        from fastcbd.train.model_info import input_info
+
+        return input_info(self)
 
     def checkpoints(self, desc: str) -> CheckpointManager | None:
         if not self.ckpt_dir:
@@ -140,7 +153,8 @@ def train_teacher(ctx: Context, kind: str, seed: int, sampler: str = "instance",
     loss_fn(logits, target) replaces cross-entropy (the loss baselines of fastcbd.train.baselines)."""
     seed_everything(seed)
     m = ctx.cfg.model
-    model = ctx.place(Teacher(m.backbone, ctx.splits.num_classes, ctx.in_channels, m.sigma, m.width))
+    model = ctx.place(Teacher(m.backbone, ctx.splits.num_classes, ctx.in_channels, m.sigma, m.width,
+                              **ctx.backbone_kw()))
     loader, smp = ctx.train_loader(sampler, kind, seed)
     ctx.fit(model, _ce_step(model, loss_fn), loader, smp, ctx.cfg.teacher.optim, desc or f"teacher_{kind}_s{seed}")
     return model.eval()
@@ -190,7 +204,8 @@ def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_
     seed_everything(seed)
     m, sc = ctx.cfg.model, ctx.cfg.student
     proj_dim = sum(t.out_features for t in teachers)
-    student = ctx.place(Student(m.backbone, ctx.splits.num_classes, proj_dim, ctx.in_channels, m.sigma, m.width))
+    student = ctx.place(Student(m.backbone, ctx.splits.num_classes, proj_dim, ctx.in_channels, m.sigma, m.width,
+                                **ctx.backbone_kw()))
     loader, smp = ctx.train_loader(sc.sampler, "vanilla", seed, epochs=sc.optim.epochs)
 
     run_teachers = ensemble(teachers, ctx.cfg.teacher.batched)  # inference_mode, eval mode

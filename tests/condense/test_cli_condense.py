@@ -37,11 +37,16 @@ def _check_results(out, methods, num_classes, budget):
 
 
 def test_condense_mnist_lt_hierarchical(tmp_path):
+    """The issue's new-user command (no --preset: auto), with tiny iteration counts."""
     out = tmp_path / "mnist"
-    condense("--method", "dm", "--dataset", "mnist-lt", "--ipc", "10", "--hierarchical", "--groups", "2",
-             "--out", str(out), *TINY)
+    proc = condense("--method", "dm", "--dataset", "mnist-lt", "--ipc", "10", "--hierarchical", "--groups", "2",
+                    "--out", str(out), *TINY[:-2])
     r = _check_results(out, ["full_lt", "random_real", "dm", "dm+2stage", "dm+hier"], 10,
                        [10, 10, 10, 10, 10, 10, 10, 10, 6, 4])
+    expected = "paper" if torch.cuda.is_available() else "cpu"
+    assert r["preset"]["name"] == expected and "--preset auto" in r["preset"]["why"], r["preset"]
+    assert f"preset {expected}: --preset auto" in proc.stderr and "time estimate: " in proc.stderr, proc.stderr[-2000:]
+    assert f"Preset: {expected} (--preset auto" in (out / "results.md").read_text()
     assert r["tail_rule"] == {"8": 6, "9": 4} and r["groups"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert "Tail rule" in (out / "results.md").read_text()
     assert r["methods"]["dm+hier"]["images"] == 90 + 100, "group level (10 per class) + class level"

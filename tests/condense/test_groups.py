@@ -1,4 +1,6 @@
 """The tail rule, class groups, the inter-class bias metric and two-stage classification on constructed cases."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -123,9 +125,10 @@ def test_matching_form_follows_the_device(monkeypatch, matching, device, loop):
     monkeypatch.setattr(run, "distill_dm", lambda *a, loop=False, **k: seen.append(("dm", loop)))
     monkeypatch.setattr(run, "distill_gm", lambda *a, loop=False, **k: seen.append(("dsa", loop)))
     runner = run.Runner.__new__(run.Runner)
-    runner.cfg, runner.progress = run.CondenseConfig(matching=matching, device=device), False
+    runner.cfg, runner.progress, runner.clock = run.CondenseConfig(matching=matching, device=device), False, None
+    pool = SimpleNamespace(num_labels=3)  # the distiller reads the pool's size to weight its timing (eta.py)
     for method in ("dm", "dsa"):
-        runner.distiller(method, 0, None)(None, None, 0, "all")
+        runner.distiller(method, 0, None)(pool, None, 0, "all")
     assert seen == [("dm", loop), ("dsa", loop)]
     runner.cfg.matching = "vectorised"
     with pytest.raises(ValueError, match="matching='vectorised'"):
