@@ -16,6 +16,7 @@ import torch
 from fastcbd.data.arrays import ArraySplits
 from fastcbd.data.augment import AugmentConfig
 from fastcbd.data.device_loader import DeviceLoader
+from fastcbd.errors import ConfigError
 
 LOADERS = ("auto", "dali", "device", "torch", "nvjpeg")
 
@@ -25,7 +26,7 @@ def resolve_loader(name: str, splits, device: torch.device) -> str:
     from fastcbd.data import dali
 
     if name not in LOADERS:
-        raise ValueError(f"data.loader={name!r}: expected one of {', '.join(LOADERS)}")
+        raise ConfigError(f"data.loader={name!r}: expected one of {', '.join(LOADERS)}")
     in_memory = isinstance(splits, ArraySplits)
     if name == "auto":
         if in_memory:
@@ -34,13 +35,13 @@ def resolve_loader(name: str, splits, device: torch.device) -> str:
             return "torch"
         return "dali" if dali.available() else "nvjpeg"
     if name == "device" and not in_memory:
-        raise ValueError("data.loader=device needs in-memory arrays (mnist-lt, npz, cifar*-lt); "
+        raise ConfigError("data.loader=device needs in-memory arrays (mnist-lt, npz, cifar*-lt); "
                          f"{splits.name} is image files: use dali, nvjpeg or torch")
     if name == "nvjpeg" and in_memory:
-        raise ValueError(f"data.loader=nvjpeg decodes image files; {splits.name} is in-memory arrays: use device or torch")
+        raise ConfigError(f"data.loader=nvjpeg decodes image files; {splits.name} is in-memory arrays: use device or torch")
     if name == "dali":
         if in_memory:
-            raise ValueError(f"data.loader=dali reads image files; {splits.name} is in-memory arrays: use device or torch")
+            raise ConfigError(f"data.loader=dali reads image files; {splits.name} is in-memory arrays: use device or torch")
         dali.import_dali()  # raises with the install command
     return name
 

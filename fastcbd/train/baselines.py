@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcbd.errors import ConfigError
 from fastcbd.models.heads import LWS, LinearHead, PostHocAdjusted, log_prior
 from fastcbd.train.stages import Context, fit_classifier, seed_everything, train_teacher
 
@@ -113,11 +114,11 @@ def run_baseline(ctx: Context, name: str, teacher: nn.Module | None, seed: int) 
     from fastcbd.train.stages import train_crt
 
     if name not in BASELINES:
-        raise ValueError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")
+        raise ConfigError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")
     if name == "ce_balanced":
         return train_teacher(ctx, "vanilla", seed, sampler="balanced", desc="ce_balanced")
     if name in ("crt", "lws", "tau_norm", "logit_adj_posthoc") and teacher is None:
-        raise ValueError(f"baseline {name} needs a trained teacher")
+        raise ConfigError(f"baseline {name} needs a trained teacher")
     if name == "crt":
         return train_crt(ctx, teacher, seed)
     if name == "lws":

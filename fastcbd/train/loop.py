@@ -23,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from fastcbd.errors import ConfigError
 from fastcbd.train import distributed as D
 from fastcbd.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from fastcbd.train.config import OptimConfig
@@ -50,7 +51,7 @@ def autocast_context(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
-        raise ValueError(f"amp={amp!r}: expected none, bf16 or fp16")
+        raise ConfigError(f"amp={amp!r}: expected none, bf16 or fp16")
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
@@ -67,7 +68,7 @@ def make_optimizer(params, cfg: OptimConfig, batch_size: int, total_steps: int):
     elif kind == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay / 2)
     else:
-        raise ValueError(f"optimizer={kind!r}: expected sgd or apex")
+        raise ConfigError(f"optimizer={kind!r}: expected sgd or apex")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
     )
@@ -161,10 +162,10 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
         path, blob = ckpt.latest()
         if blob is not None:
             if blob.get("desc") != desc:
-                raise ValueError(f"checkpoint {path} is of stage {blob.get('desc')!r}, not {desc!r}")
+                raise ConfigError(f"checkpoint {path} is of stage {blob.get('desc')!r}, not {desc!r}")
             mine, theirs = (meta or {}).get("teachers"), (blob.get("meta") or {}).get("teachers")
             if mine is not None and theirs is not None and mine != theirs:
-                raise ValueError(f"checkpoint {path} was trained with teachers {theirs}, this run has {mine}: "
+                raise ConfigError(f"checkpoint {path} was trained with teachers {theirs}, this run has {mine}: "
                                  "resume with the same teachers or start a new run folder")
             check_config(blob.get("config") or {}, config or {}, f"{desc}: checkpoint {path}", allow_config_change)
             model.load_state_dict(blob["model"])

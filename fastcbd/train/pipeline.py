@@ -8,6 +8,7 @@ import time
 from fastcbd.data import cifar_lt_splits, imagefolder_splits, inat_splits, list_splits, load_npz, mnist_lt
 from fastcbd.data.arrays import ArraySplits
 from fastcbd.data.files import FileSplits
+from fastcbd.errors import ConfigError
 from fastcbd.train.baselines import BASELINES, run_baseline
 from fastcbd.train.checkpoint import file_hash, load_model, save_model
 from fastcbd.train.config import Config, save_config
@@ -25,22 +26,22 @@ def load_data(cfg: Config) -> ArraySplits | FileSplits:
     """In-memory arrays (mnist-lt, npz, cifar*-lt) or image files (list files, iNat JSON, ImageFolder)."""
     d = cfg.data
     if d.split not in ("test", "val"):
-        raise ValueError(f"data.split={d.split!r}: expected test or val")
+        raise ConfigError(f"data.split={d.split!r}: expected test or val")
     if d.split == "val" and d.dataset not in ("mnist-lt", "cifar10-lt", "cifar100-lt"):
         where = ("give the validation images as x_test / y_test" if d.dataset == "npz" else
                  "point data.test_list at the dataset's validation list (ImageNet_LT_val.txt, Places_LT_val.txt, "
                  "iNaturalist val2018.json, or a val folder)")
-        raise ValueError(f"data.split=val holds images out of the training pool for mnist-lt and cifar*-lt only; "
+        raise ConfigError(f"data.split=val holds images out of the training pool for mnist-lt and cifar*-lt only; "
                          f"for {d.dataset}, {where}")
     if d.dataset == "mnist-lt":
         return mnist_lt(rho=d.rho, seed=cfg.seed, split=d.split)
     if d.dataset == "npz":
         if not d.path:
-            raise ValueError("data.dataset=npz needs data.path (or --data FILE.npz)")
+            raise ConfigError("data.dataset=npz needs data.path (or --data FILE.npz)")
         return load_npz(d.path)
     if d.dataset in ("cifar10-lt", "cifar100-lt"):
         if not d.root:
-            raise ValueError(f"data.dataset={d.dataset} needs data.root (the folder of the CIFAR pickle batches)")
+            raise ConfigError(f"data.dataset={d.dataset} needs data.root (the folder of the CIFAR pickle batches)")
         return cifar_lt_splits(d.root, 10 if d.dataset == "cifar10-lt" else 100, d.rho, cfg.seed, split=d.split)
     if d.dataset in ("imagenet-lt", "places-lt"):
         return list_splits(d.root, d.train_list, d.test_list, num_classes=d.num_classes, name=d.dataset,
@@ -49,7 +50,7 @@ def load_data(cfg: Config) -> ArraySplits | FileSplits:
         return inat_splits(d.root, d.train_list, d.test_list, image_size=d.image_size, skip_bad=d.skip_bad)
     if d.dataset == "imagefolder":
         return imagefolder_splits(d.root, d.train_list, d.test_list, image_size=d.image_size, skip_bad=d.skip_bad)
-    raise ValueError(f"data.dataset={d.dataset!r}: expected one of {', '.join(DATASETS)}")
+    raise ConfigError(f"data.dataset={d.dataset!r}: expected one of {', '.join(DATASETS)}")
 
 
 BASELINE_SEEDS = {"ce_balanced": 50, "crt": 51, "lws": 54, "tau_norm": 55, "balanced_softmax": 56,
@@ -88,7 +89,7 @@ def run_cbd(cfg: Config, out_dir: str, splits: ArraySplits | None = None, progre
     """Teachers, class-balanced CE, cRT, CBD (one teacher) and CBD_ENS (all teachers), one results table."""
     unknown = [m for m in cfg.baselines.methods if m not in BASELINES]
     if unknown:
-        raise ValueError(f"baselines.methods: unknown {unknown}; expected some of {', '.join(BASELINES)}")
+        raise ConfigError(f"baselines.methods: unknown {unknown}; expected some of {', '.join(BASELINES)}")
     os.makedirs(out_dir, exist_ok=True)
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     splits = splits or load_data(cfg)

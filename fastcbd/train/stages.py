@@ -22,6 +22,7 @@ from fastcbd.data.augment import AugmentConfig
 from fastcbd.data.files import FileSplits
 from fastcbd.data.loaders import build_loader, channel_stats
 from fastcbd.data.samplers import build_sampler
+from fastcbd.errors import ConfigError
 from fastcbd.functional import cbd_loss
 from fastcbd.models import Student, Teacher
 from fastcbd.train import distributed as D
@@ -41,14 +42,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: no CUDA device is available")
+        raise ConfigError(f"device={name!r}: no CUDA device is available")
     return torch.device(name)
 
 
 def augment_config(cfg: Config, kind: str) -> AugmentConfig:
     """vanilla: random-resized crop + flip; aug: plus colour jitter (p=0.8) and grayscale."""
     if kind not in ("vanilla", "aug"):
-        raise ValueError(f"teacher kind {kind!r}: expected vanilla or aug")
+        raise ConfigError(f"teacher kind {kind!r}: expected vanilla or aug")
     a = cfg.aug
     base = AugmentConfig(crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio), pad=a.pad, flip=a.flip)
     if kind == "aug":
@@ -87,7 +88,7 @@ class Context:
         (epochs: the length of the schedule a progressive sampler moves along)."""
         s, bs, world = self.splits, self.cfg.data.batch_size, D.world_size()
         if bs % world:
-            raise ValueError(f"data.batch_size={bs} (the global batch) is not divisible by the {world} processes")
+            raise ConfigError(f"data.batch_size={bs} (the global batch) is not divisible by the {world} processes")
         bs //= world  # each rank: a disjoint share of the sampler's sequence, batch / world images per step
         smp = build_sampler(sampler, s.y_train, seed=seed, num_classes=s.num_classes, allow_empty=self.cfg.data.skip_bad,
                             rank=D.rank(), world_size=world, epochs=epochs)
