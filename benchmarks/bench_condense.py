@@ -45,9 +45,10 @@ COUNTS = DATASETS["mnist"][1]
 
 
 def auto_matching(device: torch.device) -> str:
-    """What CondenseConfig(matching="auto") runs on `device` (the rule of fastcbd/condense/run.py,
-    Runner.distiller: batched on CUDA, the loop elsewhere), restated here to label the rows."""
-    return "batched" if device.type == "cuda" else "loop"
+    """What CondenseConfig(matching="auto") runs on `device`: the library's own rule, to label the rows."""
+    from fastcbd.condense.run import matching_mode
+
+    return matching_mode("auto", device)
 
 
 def inputs(batch_real: int, ipc: int, seed: int = 0, dataset: str = "mnist", device="cpu"):

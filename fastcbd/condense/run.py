@@ -81,6 +81,16 @@ def load_splits(cfg: CondenseConfig):
     raise ValueError(f"--dataset {cfg.dataset!r}: expected mnist-lt or cifar10-lt")
 
 
+def matching_mode(matching: str, device: torch.device) -> str:
+    """DM / DSA class matching: "batched" (all classes per call) or "loop" (one class per call). auto: the
+    loop on the CPU, where it measured faster (benchmarks/bench_condense.py), batched on a GPU."""
+    if matching not in ("auto", "batched", "loop"):
+        raise ValueError(f"matching={matching!r}: expected auto, batched or loop")
+    if matching != "auto":
+        return matching
+    return "batched" if device.type == "cuda" else "loop"
+
+
 class Runner:
     """One seed's worth of state: data tensors, augmentation, and the evaluation runs it collects."""
 
@@ -133,9 +143,7 @@ class Runner:
 
     def distiller(self, method: str, seed: int, aug: DSA):
         cfg = self.cfg
-        if cfg.matching not in ("auto", "batched", "loop"):
-            raise ValueError(f"matching={cfg.matching!r}: expected auto, batched or loop")
-        loop = cfg.matching == "loop" or (cfg.matching == "auto" and torch.device(cfg.device).type != "cuda")
+        loop = matching_mode(cfg.matching, torch.device(cfg.device)) == "loop"
 
         def distill(pool, syn, s, tag):
             if method == "dm":

@@ -36,7 +36,8 @@ def test_bench_condense_quick_cpu(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["on_cpu", "on_gpu"])  # no GPU needed: keep "cuda" out of the id
 def test_auto_picks_is_the_library_rule(monkeypatch, device):
-    """Runner.distiller's `loop` flag under matching=auto, captured without running anything (or a GPU)."""
+    """Runner.distiller's `loop` flag under matching=auto is the rule the benchmark labels its rows with,
+    captured without running anything (or a GPU)."""
     import torch
 
     from benchmarks.bench_condense import auto_matching
@@ -47,5 +48,7 @@ def test_auto_picks_is_the_library_rule(monkeypatch, device):
     runner = run.Runner.__new__(run.Runner)  # only cfg and bar are used by distiller
     runner.cfg = run.CondenseConfig(device=device, matching="auto")
     runner.bar = lambda *a, **k: contextlib.nullcontext()
-    runner.distiller("dm", 0, None)(None, None, 0, "all")
+    pool = type("Pool", (), {"num_labels": 3})()
+    runner.distiller("dm", 0, None)(pool, None, 0, "all")
     assert seen == {"loop": auto_matching(torch.device(device)) == "loop"}, (device, seen)
+    assert auto_matching(torch.device(device)) == ("batched" if device == "cuda" else "loop")
