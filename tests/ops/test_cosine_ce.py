@@ -99,11 +99,20 @@ def test_reduction_none():
     pt = p.clone().requires_grad_()
     rows = cosine_ce(pt, w, target, reduction="none")
     rows.backward(torch.arange(8.0))
+    # the "none" path runs the reference, so check it against the formula written out independently:
+    # l_b = logsumexp_c z_bc - z_{b, y_b}, z = 20 cos(p_b, w_c), 0 for ignored rows
     p64 = p.double().requires_grad_()
-    want = cosine_ce_ref(p64, w.double(), target, reduction="none")
+    w64 = w.double()
+    z = 20.0 * (p64 / p64.norm(dim=1, keepdim=True)) @ (w64 / w64.norm(dim=1, keepdim=True)).T
+    valid = target != -100
+    y = torch.where(valid, target, 0)
+    want = torch.where(valid, torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0], torch.zeros(()).double())
     want.backward(torch.arange(8.0, dtype=torch.float64))
     assert_close(rows, want, what="per-row losses", rtol=1e-5, atol=1e-6)
     assert_close(pt.grad, p64.grad, what="grad_p with a per-row upstream gradient")
+    # and against the fused op: the mean over the valid rows is its "mean" loss
+    assert_close(rows.sum() / valid.sum(), cosine_ce(p, w, target), what="none-rows mean vs fused mean",
+                 rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         cosine_ce(p, w, target, reduction="avg")
 
