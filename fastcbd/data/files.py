@@ -46,6 +46,18 @@ class Problems:
             log.warning("%s: skipped %d bad item(s):\n  %s", what, len(self.items), shown)
 
 
+def read_bytes(path: str, what: str) -> bytes:
+    """The whole file: FileNotFoundError naming `what` when it is not there, BadInputError when it cannot
+    be read."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
 def resolve(root: str, path: str) -> str:
     """An image path: absolute as given, else under `root`."""
     return path if os.path.isabs(path) or not root else os.path.join(root, path)

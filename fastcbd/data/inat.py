@@ -14,6 +14,7 @@ from fastcbd.data.files import (
     ImageFiles,
     Problems,
     make_split,
+    read_bytes,
     resolve,
     resolve_index,
 )
@@ -21,13 +22,7 @@ from fastcbd.errors import ConfigError
 
 
 def _load(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such JSON file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read ({exc.strerror})") from exc
+    raw = read_bytes(path, "JSON file")
     try:
         data = json.loads(raw)  # UTF-8, -16 or -32 (RFC 8259 allows the three)
     except json.JSONDecodeError as exc:

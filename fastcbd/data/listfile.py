@@ -12,6 +12,7 @@ from fastcbd.data.files import (
     ImageFiles,
     Problems,
     make_split,
+    read_bytes,
     resolve,
     resolve_index,
 )
@@ -29,17 +30,11 @@ def read_list(list_path: str, root: str, num_classes: int = 0, *, train: bool = 
     negative label or one >= C (C <= MAX_CLASSES), a path with a NUL byte, a missing image file
     (check_files); and a class with no image. All raise BadInputError (or are skipped with skip_bad).
     """
-    if not os.path.exists(list_path):
-        raise FileNotFoundError(f"{list_path}: no such list file")
     if num_classes <= 0 and not train:
         raise ValueError(f"{list_path}: a test list needs num_classes (from the training list)")
     if num_classes > MAX_CLASSES:
         raise ConfigError(f"data.num_classes={num_classes}: more than the {MAX_CLASSES} classes a dataset may have")
-    try:
-        with open(list_path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise BadInputError(f"{list_path}: cannot read ({exc.strerror})") from exc
+    data = read_bytes(list_path, "list file")
     data = data.removeprefix(codecs.BOM_UTF8)
     limit = num_classes if num_classes > 0 else MAX_CLASSES
     problems = Problems(skip_bad)
