@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
 from data_files import write_jpegs, write_list
+from test_resume import _npz
 
 from fastcbd.train.checkpoint import load_model, save_model
 
@@ -132,12 +132,7 @@ def test_teachers_with_the_torch_loader_and_workers(tmp_path):
 
 
 def test_student_with_two_teachers_fp16_ema_and_accumulation(tmp_path):
-    rng = np.random.default_rng(0)
-    y = np.array([0] * 36 + [1] * 20 + [2] * 8)
-    x = rng.integers(0, 60, (len(y), 12, 12, 3), dtype=np.uint8)
-    for c in range(3):
-        x[y == c, 2 + 3 * c : 5 + 3 * c, 3:9] = 250
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:9], y_test=y[:9])
+    _npz(tmp_path)  # tmp_path / "d.npz": 3 classes, 36/20/8 images
     from fastcbd.models import Teacher
 
     teachers = []
