@@ -41,3 +41,19 @@ def run_epoch(loader, sampler=None, epoch=0, stop_after=None):
         if stop_after is not None and k + 1 == stop_after:
             break
     return (torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)), shapes
+
+
+def check_train_epoch(loader, sampler, y_train, mean, std, num_classes, consumed=False):
+    """A 23-image epoch of batch 8 follows the sampler's order (labels, batch shapes; consumed: the sampler
+    counts the whole epoch as consumed), and a batch of the next epoch is float32 / int64 with each image's
+    colour naming its label."""
+    sampler.set_epoch(1)
+    order = sampler.indices()
+    labels, shapes = run_epoch(loader, sampler, epoch=1)
+    assert np.array_equal(labels, y_train[order]), f"{labels} != {y_train[order]}"
+    assert shapes == [(8, 3, 32, 32)] * 2 + [(7, 3, 32, 32)] and len(loader) == 3
+    assert not consumed or sampler.consumed == len(order), (sampler.consumed, len(order))
+    sampler.set_epoch(2)
+    x, y = next(iter(loader))
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(labels_from_pixels(x, mean, std, num_classes), y), "decoded images do not match their labels"

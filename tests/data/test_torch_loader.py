@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from data_files import chi2_critical, chi2_stat
-from loader_testing import labels_from_pixels, run_epoch, small_splits
+from loader_testing import check_train_epoch, run_epoch, small_splits
 
 from fastcbd.data import BadInputError, build_loader
 from fastcbd.data.augment import AugmentConfig
@@ -22,15 +22,7 @@ def test_train_batches_follow_the_sampler(tmp_path):
     s = small_splits(tmp_path)
     smp = InstanceSampler(s.y_train, seed=2)
     loader = loader_for(s, smp)
-    smp.set_epoch(1)
-    expected = s.y_train[smp.indices()]
-    labels, shapes = run_epoch(loader, smp, epoch=1)
-    assert np.array_equal(labels, expected)
-    assert shapes == [(8, 3, 32, 32)] * 2 + [(7, 3, 32, 32)] and len(loader) == 3
-    smp.set_epoch(2)
-    x, y = next(iter(loader))
-    assert x.dtype == torch.float32 and y.dtype == torch.int64
-    assert torch.equal(labels_from_pixels(x, MEAN, STD, 4), y), "decoded images do not match their labels"
+    check_train_epoch(loader, smp, s.y_train, MEAN, STD, 4)
 
 
 def test_eval_is_sequential_centre_crop(tmp_path):
