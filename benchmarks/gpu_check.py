@@ -23,6 +23,7 @@ a dry command that fails makes the step `fail`, so the script cannot rot between
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import json
@@ -58,7 +59,8 @@ def source_key(*parts: str) -> str:
     return h.hexdigest()[:16]
 
 
-def code_key() -> str:
+@functools.lru_cache(maxsize=1)
+def code_key() -> str:  # one hash per invocation, shared by the six steps keyed on the code
     return source_key("fastcbd", "csrc", "benchmarks", "tests", "setup.py")
 
 

@@ -165,13 +165,13 @@ class Runner:
     def _pending(self, step: Step, state: dict) -> Result:
         key = step.key()
         old = state.get(step.name)
-        keep = (old and old.get("status") in DONE and old.get("key") == key
-                and (not self.only or step.name not in self.only))
-        if old and (keep or (self.only and step.name not in self.only)):
+        selected = not self.only or step.name in self.only  # --steps runs its steps even if done
+        done = old and old.get("status") in DONE and old.get("key") == key
+        if old and (not selected or (done and not self.only)):
             r = Result(**{k: v for k, v in old.items() if k in Result.__dataclass_fields__})
             r.reused = True
             return r
-        if self.only and step.name not in self.only:
+        if not selected:
             return Result(step.name, step.title, "skipped", "not selected (--steps)", key=key)
         return Result(step.name, step.title, "pending", "", key=key)
 
