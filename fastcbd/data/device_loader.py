@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastcbd.data.augment import AugmentConfig, augment, photometric, random_pad_crop
+from fastcbd.data.augment import AugmentConfig, apply_crop, draw_crop, photometric
 from fastcbd.data.samplers import SampledLoader
 
 
@@ -44,21 +44,35 @@ class DeviceLoader(SampledLoader):
         elif self.sampler is not None:
             self.gen.manual_seed(hash((self.seed, self.sampler.epoch, self.sampler.consumed)) % (2**62))
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        aug = self.aug
-        photo = aug is not None and (aug.color_jitter > 0 or aug.grayscale_p > 0)
         for start in range(0, stop, self.batch_size):
             idx = torch.from_numpy(order[start : start + self.batch_size]).to(self.device)
-            x = self.images.index_select(0, idx)
-            if aug is not None and aug.pad > 0:
-                x = random_pad_crop(x, aug.pad, aug.flip, self.gen)  # on uint8: a quarter of the bytes
-                x = photometric(x.float().div_(255), aug, self.gen).mul_(255) if photo else x.float()
-                x = x.sub_(self.mean255).div_(self.std255)
-            else:  # [0, 1] floats, as the resized crop and the published runs' numbers were computed
-                x = x.float().div_(255)
-                if aug is not None:
-                    x = augment(x, aug, self.gen)
-                x = (x - self.mean) / self.std
+            x = self.augmented(idx)
             if self.sampler is not None:
                 self.sampler.advance(len(idx))
-            x = x.contiguous(memory_format=self.memory_format)
             yield x, self.labels.index_select(0, idx)
+
+    def augmented(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images idx (on the device) augmented with the next draws of the generator (none: as they are)."""
+        aug = self.aug
+        if aug is None:
+            return self.view(idx, None)
+        params = draw_crop(len(idx), aug, self.gen, self.device)
+        if aug.color_jitter > 0 or aug.grayscale_p > 0:
+            return self.view(idx, params, lambda x: photometric(x, aug, self.gen))
+        return self.view(idx, params)
+
+    def view(self, idx: torch.Tensor, params: torch.Tensor | None, photo=None) -> torch.Tensor:
+        """Images idx cut with draw_crop parameters (None: uncut), then `photo` on [0, 1] floats, normalised,
+        in the loader's memory format. The teacher cache cuts its stored views with this same function."""
+        x = self.images.index_select(0, idx)
+        if params is not None and self.aug.pad > 0:
+            x = apply_crop(x, params, self.aug)  # on uint8: a quarter of the bytes
+            x = photo(x.float().div_(255)).mul_(255) if photo else x.float()
+            x = x.sub_(self.mean255).div_(self.std255)
+        else:  # [0, 1] floats, as the resized crop and the published runs' numbers were computed
+            x = x.float().div_(255)
+            if params is not None:
+                x = apply_crop(x, params, self.aug)
+                x = photo(x) if photo else x
+            x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
