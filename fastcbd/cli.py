@@ -133,6 +133,8 @@ def cmd_train_student(args) -> None:
                   ckpt_dir=os.path.join(args.out, "checkpoints"), resume=True, tb_dir=os.path.join(args.out, "tb"),
                   require_resume=args.resume, allow_config_change=args.allow_config_change)
     paths = _teacher_paths(args.teachers or [])
+    if args.teacher_cache and args.method != "cbd":
+        raise SystemExit(f"--teacher-cache is for --method cbd, not {args.method}")
     teachers = []
     for p in paths:
         model, blob = load_model(p, ctx.device)
@@ -157,15 +159,15 @@ def cmd_train_student(args) -> None:
         head = {} if args.method == "crt" else {"head": args.method, "tau": cfg.baselines.logit_tau}
         arch = ctx.arch("teacher", **head)
     else:
-        if not teachers:
-            raise SystemExit("--method cbd needs --teachers (model.pt files or folders of them)")
         ids = [{"path": os.path.abspath(p), "sha256": file_hash(p)} for p in paths]
-        model = train_student(ctx, teachers, seed, desc=args.method, teacher_ids=ids)
+        cache, ids = _student_cache(args, ctx, teachers, ids)
+        if not ids:
+            raise SystemExit("--method cbd needs --teachers (model.pt files or folders of them) or --teacher-cache")
+        model = train_student(ctx, teachers, seed, desc=args.method, teacher_ids=ids, cache=cache)
         arch = ctx.arch("student", proj_dim=model.out_features)
     out = os.path.join(args.out, "model.pt")
-    save_model(out, model, arch, {"method": args.method,
-                                  "teachers": [{"path": os.path.abspath(p), "sha256": file_hash(p)} for p in paths]},
-               ctx.info())
+    teacher_meta = ids if args.method == "cbd" else [{"path": os.path.abspath(p), "sha256": file_hash(p)} for p in paths]
+    save_model(out, model, arch, {"method": args.method, "teachers": teacher_meta}, ctx.info())
     metrics = evaluate(model, ctx.test_loader(), splits.class_counts)
     log.info("%s: all %.2f many %.2f medium %.2f few %.2f -> %s", args.method, metrics["all"], metrics["many"],
              metrics["medium"], metrics["few"], out)
@@ -174,6 +176,55 @@ def cmd_train_student(args) -> None:
     write_results(args.out, {"dataset": splits.name, "split": cfg.data.split, "rho": float(cfg.data.rho),
                              "seed": int(cfg.seed), "class_counts": [int(c) for c in splits.class_counts],
                              "methods": {args.method: metrics}}, f"fastcbd train-student ({args.method})")
+
+
+def _student_cache(args, ctx, teachers, ids):
+    """(cache or None, teacher ids) of a CBD student: --teacher-cache DIR (its teachers, or the --teachers
+    among them), else student.teacher_cache=V > 0 builds one in student.cache_dir or --out/teacher_cache."""
+    from fastcbd.cache import TeacherCache, build_cache, cache_key
+    from fastcbd.cache.store import weights_hash
+
+    sc = ctx.cfg.student
+    if args.teacher_cache:
+        cache = TeacherCache(args.teacher_cache)
+        if teachers:
+            ids = [{**i, "weights": weights_hash(t)} for i, t in zip(ids, teachers)]
+        else:
+            ids = [{k: t[k] for k in ("path", "sha256", "weights")} for t in cache.meta["teachers"]]
+        views = sc.teacher_cache or cache.key["views"]
+        cache.check(cache_key(ctx, [t["weights"] for t in ids], views, sc.cache_allot if sc.teacher_cache else
+                              cache.key["allot"]), views_fixed=sc.teacher_cache > 0)
+        return cache, ids
+    if sc.teacher_cache > 0 and teachers:
+        cache = build_cache(ctx, teachers, ids, sc.teacher_cache, sc.cache_dir or os.path.join(args.out, "teacher_cache"),
+                            allot=sc.cache_allot, seed=ctx.cfg.seed * 100 + 60)
+        return cache, [{**i, "weights": weights_hash(t)} for i, t in zip(ids, teachers)]
+    return None, ids
+
+
+def cmd_cache_teachers(args) -> None:
+    from fastcbd.cache import build_cache
+    from fastcbd.train.checkpoint import file_hash, load_model
+    from fastcbd.train.pipeline import load_data
+    from fastcbd.train.stages import Context
+
+    cfg = _config(args)
+    splits = load_data(cfg)
+    ctx = Context(cfg, splits, progress=False)
+    paths = _teacher_paths(args.teachers)
+    teachers = []
+    for p in paths:
+        model, blob = load_model(p, ctx.device)
+        if blob["arch"]["num_classes"] != splits.num_classes:
+            raise SystemExit(f"{p}: teacher has {blob['arch']['num_classes']} classes, the data has {splits.num_classes}")
+        teachers.append(ctx.place(model).eval())
+    ids = [{"path": os.path.abspath(p), "sha256": file_hash(p)} for p in paths]
+    t0 = time.perf_counter()
+    cache = build_cache(ctx, teachers, ids, args.views, args.out, allot=args.allot, seed=cfg.seed * 100 + 60,
+                        chunk_rows=args.chunk_rows)
+    log.info("teacher cache %s: %d views of %d images, %d teachers (%.1f s); train students from it with "
+             "fastcbd train-student --teacher-cache %s", args.out, cache.meta["rows"], len(cache.offsets) - 1,
+             len(teachers), time.perf_counter() - t0, args.out)
 
 
 def cmd_evaluate(args) -> None:
@@ -266,13 +317,19 @@ def cmd_condense(args) -> None:
         for section in (cfg.dm, cfg.gm, cfg.mtt, cfg.eval):
             section.width = args.width
     for flag, section, key in (("iterations", cfg.dm, "iterations"), ("iterations", cfg.gm, "iterations"),
-                               ("iterations", cfg.mtt, "iterations"), ("evals", cfg.eval, "repeats"),
+                               ("iterations", cfg.mtt, "iterations"), ("iterations", cfg.rldd, "iterations"),
+                               ("evals", cfg.eval, "repeats"),
                                ("eval_steps", cfg.eval, "steps")):
         if getattr(args, flag) is not None:
             setattr(section, key, getattr(args, flag))
     cfg.mtt.constant_memory = args.constant_memory
     cfg.matching = args.matching
     cfg.mtt.expert_sampling = args.expert_sampling
+    cfg.relabel, cfg.relabel_tau, cfg.relabel_calibrate = args.relabel or "", args.relabel_tau, args.relabel_calibrate
+    if not args.relabel_tau > 0:
+        from fastcbd.errors import ConfigError
+
+        raise ConfigError(f"--relabel-tau {args.relabel_tau}: must be positive")
     t0 = time.perf_counter()
     results = run_condense(cfg, args.out, progress=not args.no_progress)
     from fastcbd.condense.outputs import results_markdown
@@ -318,9 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "although the config changes the result (logged); without it such a resume is refused")
     p.set_defaults(func=cmd_train_teachers)
 
+    p = sub.add_parser("cache-teachers", help="run the teachers once over V stored views of every training image, "
+                       "for students to train from (train-student --teacher-cache)")
+    _common(p)
+    p.add_argument("--teachers", nargs="+", required=True, help="teacher model.pt files or folders of them")
+    p.add_argument("--views", type=int, required=True, help="views per training image (V)")
+    p.add_argument("--allot", default="uniform", choices=["uniform", "balanced"],
+                   help="uniform: V views per image; balanced: N x V views shared out by class-balanced draws")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="views per resumable unit of the build (default 4096)")
+    p.set_defaults(func=cmd_cache_teachers)
+
     p = sub.add_parser("train-student", help="train a CBD student (or a baseline) and evaluate it")
     _common(p)
     p.add_argument("--teachers", nargs="+", help="teacher model.pt files or folders of them")
+    p.add_argument("--teacher-cache", metavar="DIR", help="train from a teacher cache (fastcbd cache-teachers) "
+                   "instead of running the teachers; --teachers may then be left out (the cache's teachers)")
     p.add_argument("--method", default="cbd",
                    choices=["cbd", "ce_balanced", *DECOUPLED, "balanced_softmax", "logit_adj_loss", "cb_ce"],
                    help="cbd (default); the decoupled baselines (crt, lws, tau_norm, logit_adj_posthoc) take one "
@@ -349,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="which kernel backends can run here, and why not")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("condense", help="long-tailed dataset distillation (DM / DSA / MTT, +/- hierarchical)")
-    p.add_argument("--method", nargs="+", default=["dm"], choices=["dm", "dsa", "mtt"], help="one or more")
+    p = sub.add_parser("condense", help="long-tailed dataset distillation (DM / DSA / MTT / RLDD, +/- hierarchical)")
+    p.add_argument("--method", nargs="+", default=["dm"], choices=["dm", "dsa", "mtt", "rldd"], help="one or more")
     p.add_argument("--dataset", default="mnist-lt", choices=["mnist-lt", "cifar10-lt"])
     p.add_argument("--data-root", help="cifar10-lt: the folder of the CIFAR-10 python batches")
     p.add_argument("--rho", type=float, default=100.0, help="imbalance factor (default 100)")
@@ -374,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPU, loop on the CPU (faster there: benchmarks/bench_condense.py)")
     p.add_argument("--expert-sampling", default="balanced", choices=["balanced", "instance"],
                    help="MTT experts' epochs: label-balanced (default) or instance (the reference)")
+    p.add_argument("--relabel", metavar="MODEL.pt|auto",
+                   help="also evaluate every set with a teacher's soft labels on each augmented batch: a fastcbd model "
+                   "file, or auto (a balanced-softmax teacher trained on the long-tailed set, cached in --out/teachers); "
+                   "rldd uses auto without it")
+    p.add_argument("--relabel-tau", type=float, default=1.0, help="soft-label temperature (default 1)")
+    p.add_argument("--relabel-calibrate", action="store_true",
+                   help="also evaluate with the soft labels calibrated for class frequency (ADSA-style)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-real and full-data baselines")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="torch device (default auto: cuda when there is a GPU, else cpu)")

@@ -78,6 +78,11 @@ class StudentConfig:
     beta: float = 100.0
     sampler: str = "balanced"  # balanced (CBD) | sqrt | progressive (instance -> balanced over the epochs) | instance
     optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher_cache: int = 0  # V > 0: the teachers run once over V stored views per image (fastcbd.cache) and the
+    # students train from the stored features; 0 = live teachers in every step
+    cache_allot: str = "uniform"  # uniform: V views per image; balanced: N V views allotted per class in
+    # proportion to class-balanced sampling's draws (1 / n_c)
+    cache_dir: str = ""  # where the cache is built or found; "" = <out>/teacher_cache
 
 
 @dataclass
@@ -273,13 +278,15 @@ def load_config(path: str | None = None, overrides=None, base: Config | None = N
 
 
 CHOICES = {("amp",): ("none", "bf16", "fp16"), ("data", "loader"): ("auto", "dali", "device", "torch", "nvjpeg"),
-           ("student", "sampler"): ("balanced", "sqrt", "progressive", "instance")}
+           ("student", "sampler"): ("balanced", "sqrt", "progressive", "instance"),
+           ("student", "cache_allot"): ("uniform", "balanced")}
 
 
 # the smallest value of keys that are counts or factors (checked here, so that a typo is a ConfigError
 # naming the key rather than an error deep in a run)
 MINIMUM = {("data", "rho"): 1, ("data", "batch_size"): 1, ("data", "image_size"): 1, ("data", "num_classes"): 0,
-           ("teacher", "optim", "accum"): 1, ("student", "optim", "accum"): 1, ("crt", "accum"): 1}
+           ("teacher", "optim", "accum"): 1, ("student", "optim", "accum"): 1, ("crt", "accum"): 1,
+           ("student", "teacher_cache"): 0}
 
 
 def check_choices(cfg) -> None:

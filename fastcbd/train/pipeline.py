@@ -85,6 +85,16 @@ def train_teachers(ctx: Context, out_dir: str) -> list[tuple[str, str]]:
     return made
 
 
+def teacher_cache(ctx: Context, teachers, ids: list[dict], default_dir: str):
+    """The run's teacher cache (student.teacher_cache views per image), built, finished or reused in
+    student.cache_dir (default `default_dir`)."""
+    from fastcbd.cache import build_cache
+
+    sc = ctx.cfg.student
+    return build_cache(ctx, teachers, ids, sc.teacher_cache, sc.cache_dir or default_dir, allot=sc.cache_allot,
+                       seed=ctx.cfg.seed * 100 + 60)
+
+
 def run_cbd(cfg: Config, out_dir: str, splits: ArraySplits | None = None, progress: bool = True) -> dict:
     """Teachers, class-balanced CE, cRT, CBD (one teacher) and CBD_ENS (all teachers), one results table."""
     unknown = [m for m in cfg.baselines.methods if m not in BASELINES]
@@ -119,16 +129,26 @@ def run_cbd(cfg: Config, out_dir: str, splits: ArraySplits | None = None, progre
     for name in cfg.baselines.methods:  # default: ce_balanced, crt
         t0 = time.perf_counter()
         record(name, run_baseline(ctx, name, teachers[0][2], cfg.seed * 100 + BASELINE_SEEDS[name]), t0)
+    ids = [{"path": p, "sha256": file_hash(p)} for _, p, _ in teachers]
+    cache = None
+    if cfg.student.teacher_cache > 0:  # the teachers run once, both students train from the store
+        from fastcbd.cache.store import weights_hash
+
+        t0 = time.perf_counter()
+        cache = teacher_cache(ctx, [t[2] for t in teachers], ids, os.path.join(out_dir, "teacher_cache"))
+        ids = [{**i, "weights": weights_hash(t[2])} for i, t in zip(ids, teachers)]
+        seconds["teacher_cache"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    cbd = train_student(ctx, [teachers[0][2]], cfg.seed * 100 + 52, desc="cbd")
+    cbd = train_student(ctx, [teachers[0][2]], cfg.seed * 100 + 52, desc="cbd", teacher_ids=ids[:1], cache=cache)
     save_model(os.path.join(out_dir, "cbd", "model.pt"), cbd, ctx.arch("student", proj_dim=cbd.out_features),
-               {"teachers": [{"path": teachers[0][1], "sha256": file_hash(teachers[0][1])}]}, ctx.info())
+               {"teachers": ids[:1]}, ctx.info())
     record("cbd", cbd, t0)
     if len(teachers) > 1:
         t0 = time.perf_counter()
-        ens = train_student(ctx, [t[2] for t in teachers], cfg.seed * 100 + 53, desc="cbd_ens")
+        ens = train_student(ctx, [t[2] for t in teachers], cfg.seed * 100 + 53, desc="cbd_ens", teacher_ids=ids,
+                            cache=cache)
         save_model(os.path.join(out_dir, "cbd_ens", "model.pt"), ens, ctx.arch("student", proj_dim=ens.out_features),
-                   {"teachers": [{"path": p, "sha256": file_hash(p)} for _, p, _ in teachers]}, ctx.info())
+                   {"teachers": ids}, ctx.info())
         record("cbd_ens", ens, t0)
 
     results = {"dataset": splits.name, "split": cfg.data.split, "rho": float(cfg.data.rho), "seed": int(cfg.seed),

@@ -14,7 +14,7 @@ import os
 log = logging.getLogger("fastcbd")
 
 # keys that cannot change a result: logging and checkpoint cadence (output paths are not config keys)
-NEUTRAL = ("log_every", "checkpoint.every", "checkpoint.keep")
+NEUTRAL = ("log_every", "checkpoint.every", "checkpoint.keep", "student.cache_dir")  # a cache is checked by its key
 
 
 class ConfigChanged(ValueError):

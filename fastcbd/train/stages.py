@@ -196,23 +196,34 @@ def freeze(teachers) -> list[torch.nn.Module]:
     return list(teachers)
 
 
-def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_ids: list | None = None) -> Student:
+def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_ids: list | None = None,
+                  cache=None) -> Student:
     """CBD: a fresh student, class-balanced sampling (student.sampler), cbd_loss against the teachers' features.
 
     teacher_ids: the teachers' identities ({'path', 'sha256'}), kept in the checkpoints; a resume with
-    other teachers is refused."""
-    teachers = freeze(teachers)
+    other teachers is refused. cache: a fastcbd.cache.TeacherCache holding these teachers (teacher_ids'
+    'weights' hashes, fastcbd.cache.store.weights_hash):
+    the features of a stored view replace the live teachers' forward (teachers may then be empty)."""
     seed_everything(seed)
     m, sc = ctx.cfg.model, ctx.cfg.student
-    proj_dim = sum(t.out_features for t in teachers)
+    loader, smp = ctx.train_loader(sc.sampler, "vanilla", seed, epochs=sc.optim.epochs)
+    if cache is not None:
+        from fastcbd.cache import CachedLoader
+        from fastcbd.cache.build import view_loader
+
+        view_loader(ctx)  # refuses a loader the cache cannot serve, with the reason
+        loader = CachedLoader.over(loader, cache, [t["weights"] for t in teacher_ids])
+        proj_dim = sum(loader.dims)
+    else:
+        teachers = freeze(teachers)
+        proj_dim = sum(t.out_features for t in teachers)
+        run_teachers = ensemble(teachers, ctx.cfg.teacher.batched)  # inference_mode, eval mode
+    torch.manual_seed(seed)  # the student's initial weights do not depend on whether a cache is used
     student = ctx.place(Student(m.backbone, ctx.splits.num_classes, proj_dim, ctx.in_channels, m.sigma, m.width,
                                 **ctx.backbone_kw()))
-    loader, smp = ctx.train_loader(sc.sampler, "vanilla", seed, epochs=sc.optim.epochs)
-
-    run_teachers = ensemble(teachers, ctx.cfg.teacher.batched)  # inference_mode, eval mode
 
     def step(x, y):
-        t_feats = run_teachers(x)
+        x, t_feats = x if cache is not None else (x, run_teachers(x))
         p = student.features(x)
         loss = cbd_loss(p, student.classifier.weight, y, t_feats, alpha=sc.alpha, beta=sc.beta, sigma=m.sigma)
         return loss, {}
