@@ -23,8 +23,10 @@ class ConvNet(nn.Module):
             layers.append(nn.Conv2d(c, width, 3, padding=1))
             if norm == "instance":
                 layers.append(nn.GroupNorm(width, width, affine=True))
+            elif norm == "batch":  # the observer of --method rldd: its statistics guide the recovery
+                layers.append(nn.BatchNorm2d(width))
             elif norm != "none":
-                raise ValueError(f"ConvNet norm={norm!r}: expected 'instance' or 'none'")
+                raise ValueError(f"ConvNet norm={norm!r}: expected 'instance', 'batch' or 'none'")
             layers += [nn.ReLU(), nn.AvgPool2d(2)]
             c, h, w = width, h // 2, w // 2
         self.features = nn.Sequential(*layers)
@@ -38,7 +40,8 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def convnet_for(image_shape: tuple[int, int, int], num_classes: int, width: int = 128, depth: int = 3) -> ConvNet:
+def convnet_for(image_shape: tuple[int, int, int], num_classes: int, width: int = 128, depth: int = 3,
+                norm: str = "instance") -> ConvNet:
     """A ConvNet for images of shape (C, H, W)."""
     c, h, w = image_shape
-    return ConvNet(c, num_classes, (h, w), width=width, depth=depth)
+    return ConvNet(c, num_classes, (h, w), width=width, depth=depth, norm=norm)

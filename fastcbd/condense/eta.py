@@ -36,14 +36,21 @@ def plan(cfg, counts, budget, groups) -> dict[str, float]:
         per_seed += steps * min(e.batch, n_real)
     if cfg.baselines:
         per_seed += steps * min(e.batch, n_syn)
-    iterations = {"dm": cfg.dm.iterations, "dsa": cfg.gm.iterations, "mtt": cfg.mtt.iterations}
+    iterations = {"dm": cfg.dm.iterations, "dsa": cfg.gm.iterations, "mtt": cfg.mtt.iterations,
+                  "rldd": cfg.rldd.iterations}
+    # with a relabel teacher every set is also evaluated relabeled (and calibrated: once more)
+    relabel = bool(getattr(cfg, "relabel", "")) or "rldd" in cfg.methods
+    evals = 1 + relabel * (1 + bool(getattr(cfg, "relabel_calibrate", False)))
+    if cfg.baselines:
+        per_seed += (evals - 1) * steps * min(e.batch, n_syn)
     for m in cfg.methods:
-        per_seed += steps * min(e.batch, n_syn)
-        units[m] += cfg.seeds * iterations[m] * (n_syn if m == "mtt" else c)
+        per_seed += evals * steps * min(e.batch, n_syn)
+        per_syn = m in ("mtt", "rldd")  # their bars' units are images, DM / DSA's classes
+        units[m] += cfg.seeds * iterations[m] * (n_syn if per_syn else c)
         if cfg.hierarchical:
             two_stage = steps * (min(e.batch, n_syn) * (k > 1) + k * min(e.batch, max(n_syn // k, 1)))
-            per_seed += 2 * two_stage  # +2stage and +hier
-            units[m] += cfg.seeds * iterations[m] * (2 * n_syn if m == "mtt" else c + k * (k > 1))
+            per_seed += 2 * two_stage * (1 + relabel)  # +2stage and +hier
+            units[m] += cfg.seeds * iterations[m] * (2 * n_syn if per_syn else c + k * (k > 1))
         if m == "mtt":
             units["mtt experts"] += cfg.mtt.num_experts * n_real * (3 if cfg.hierarchical else 1)
     units["eval"] = cfg.seeds * per_seed

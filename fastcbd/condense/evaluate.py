@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastcbd.condense.convnet import ConvNet, convnet_for
 from fastcbd.condense.dsa import DSA
+from fastcbd.condense.relabel import relabel_loss
 from fastcbd.train.metrics import shot_accuracy
 
 KEYS = ("all", "many", "medium", "few")
@@ -33,8 +34,11 @@ class EvalConfig:
 
 
 def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cfg: EvalConfig, seed: int,
-                     aug: DSA | None, progress=None) -> ConvNet:
-    """A fresh ConvNet trained on x (N, C, H, W) float with targets (N,) int64 or (N, K) soft."""
+                     aug: DSA | None, progress=None, teacher=None) -> ConvNet:
+    """A fresh ConvNet trained on x (N, C, H, W) float with targets (N,) int64 or (N, K) soft.
+
+    teacher (relabel.SoftLabeler or LabelView): the targets are ignored and each augmented batch is
+    labelled by teacher.probs (the relabel loss, relabel.py)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = convnet_for(tuple(x.shape[1:]), num_labels, cfg.width, cfg.depth).to(x.device)
@@ -48,7 +52,10 @@ def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cf
         idx = order[pos:pos + cfg.batch]
         pos += cfg.batch
         xb = aug(x[idx], aug.draw(len(idx))) if (aug is not None and cfg.augment) else x[idx]
-        loss = F.cross_entropy(net(xb), targets[idx])
+        if teacher is None:
+            loss = F.cross_entropy(net(xb), targets[idx])
+        else:
+            loss = relabel_loss(net(xb), teacher.probs(xb), teacher.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

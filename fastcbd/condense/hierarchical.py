@@ -83,17 +83,24 @@ def distill_hierarchical(pool: RealPool, groups, ipc: int, distill, seed: int, g
     return out
 
 
-def train_two_stage(groups, group_x, group_t, class_sets: list, cfg: EvalConfig, seed: int, aug, progress=None) -> TwoStage:
+def train_two_stage(groups, group_x, group_t, class_sets: list, cfg: EvalConfig, seed: int, aug, progress=None,
+                    teacher=None) -> TwoStage:
     """Train the group classifier on (group_x, group_t) and each group's classifier on class_sets[g] =
-    (x, local targets) or None."""
-    group_net = train_classifier(group_x, group_t, len(groups), cfg, seed, aug, progress) if len(groups) > 1 else None
+    (x, local targets) or None. teacher (relabel.SoftLabeler): the classifiers learn its soft labels
+    instead, summed over each group's classes (group level) or kept to the group's classes (class level)."""
+    from fastcbd.condense.relabel import LabelView
+
+    view = (lambda **kw: LabelView(teacher, **kw)) if teacher is not None else (lambda **kw: None)
+    group_net = train_classifier(group_x, group_t, len(groups), cfg, seed, aug, progress,
+                                 view(groups=groups)) if len(groups) > 1 else None
     nets = []
     for g, members in enumerate(groups):
         if len(members) == 1 or class_sets[g] is None:
             nets.append(None)
             continue
         x, t = class_sets[g]
-        nets.append(train_classifier(x, t, len(members), cfg, seed + 101 * (g + 1), aug, progress))
+        nets.append(train_classifier(x, t, len(members), cfg, seed + 101 * (g + 1), aug, progress,
+                                     view(members=members)))
     return TwoStage(groups, group_net, nets)
 
 

@@ -68,7 +68,39 @@ def results_markdown(results: dict) -> str:
                      f"{_f(r['many'], r.get('std_many'))} | {_f(r['medium'], r.get('std_medium'))} | "
                      f"{_f(r['few'], r.get('std_few'))} | {_f(r.get('tail_to_head'))} | {_f(r.get('cross_group'))} | "
                      f"{_f(r.get('time_s'))} |")
+    if results.get("teacher"):
+        lines += ["", *relabel_markdown(results)]
+    if results.get("stage_times_s"):
+        lines += ["", "Seconds per seed by stage: " + "; ".join(f"{k} {v:.1f}" for k, v in
+                                                            results["stage_times_s"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _cells(r: dict | None) -> str:
+    if not r:
+        return "- | - | - | -"
+    return " | ".join(_f(r[k], r.get("std" if k == "all" else f"std_{k}")) for k in ("all", "many", "medium", "few"))
+
+
+def relabel_markdown(results: dict) -> list[str]:
+    """The hard-label and relabeled results side by side, the teacher's own accuracy in the first row."""
+    t = results["teacher"]
+    calibrated = any(r.get("calibrated") for r in results["methods"].values())
+    head = "| method | hard labels: all | relabeled: all | many | medium | few |" + \
+        (" calibrated: all | many | medium | few |" if calibrated else "")
+    lines = [(f"Relabeled with {t['path']} (tau {t['tau']:g}{', reused from the cache' if t.get('reused') else ''}): "
+              "the evaluation models learn the teacher's soft labels on each augmented batch. The teacher's own "
+              "accuracy is the first row (a relabeled set is not better than its teacher unless it beats that row)."),
+             "", head, "|---" * (head.count("|") - 1) + "|"]
+    acc = t["accuracy"]
+    lines.append(f"| teacher | {_f(acc['all'])} | " + " | ".join(_f(acc[k]) for k in ("all", "many", "medium", "few"))
+                 + (" | - | - | - | -" if calibrated else "") + " |")
+    for name, r in results["methods"].items():
+        if not r.get("relabel"):
+            continue
+        lines.append(f"| {name} | {_f(r['all'], r.get('std'))} | {_cells(r['relabel'])} |"
+                     + (f" {_cells(r.get('calibrated'))} |" if calibrated else ""))
+    return lines
 
 
 def write_results(out_dir: str, results: dict) -> None:

@@ -12,6 +12,7 @@ PAPER = {
     "gm": {"iterations": 1000, "outer_loop": 10, "inner_loop": 50, "batch_real": 256, "lr_img": 0.1},
     "mtt": {"num_experts": 10, "expert_epochs_train": 30, "iterations": 5000, "syn_steps": 30, "expert_epochs": 2,
             "max_start_epoch": 20, "lr_img": 100.0},
+    "rldd": {"observer_steps": 10000, "observer_batch": 256, "iterations": 1000, "init_rounds": 3},
     "eval": {"repeats": 5, "steps": 1000},
 }
 
@@ -23,6 +24,7 @@ CPU = {
     "gm": {"iterations": 5, "outer_loop": 4, "inner_loop": 5, "batch_real": 16, "lr_img": 0.1},
     "mtt": {"num_experts": 2, "expert_epochs_train": 6, "iterations": 50, "syn_steps": 10, "expert_epochs": 2,
             "max_start_epoch": 3, "lr_img": 100.0},
+    "rldd": {"observer_steps": 300, "observer_batch": 128, "iterations": 100, "init_rounds": 3},
     "eval": {"repeats": 2, "steps": 80, "batch": 128},
 }
 
@@ -59,9 +61,9 @@ def choose_preset(requested: str, device: str) -> tuple[str, str]:
 def apply_preset(cfg, name: str) -> None:
     """Set the preset's values on a CondenseConfig (command-line flags are applied after)."""
     preset = PRESETS[name]
-    for section in ("dm", "gm", "mtt", "eval"):
+    for section in ("dm", "gm", "mtt", "rldd", "eval"):
         for k, v in preset.get(section, {}).items():
             setattr(getattr(cfg, section), k, v)
     if "width" in preset:
-        for section in ("dm", "gm", "mtt", "eval"):
+        for section in ("dm", "gm", "mtt", "rldd", "eval"):
             getattr(cfg, section).width = preset["width"]

@@ -1,5 +1,6 @@
-"""`fastcbd condense`: distil a long-tailed dataset with DM / DSA / MTT (optionally hierarchically), evaluate
-against the random-real and full-data baselines over seeds, and write the outputs (outputs.py)."""
+"""`fastcbd condense`: distil a long-tailed dataset with DM / DSA / MTT / RLDD (optionally hierarchically),
+evaluate against the random-real and full-data baselines over seeds, with hard labels and (--relabel) with a
+teacher's soft labels, and write the outputs (outputs.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,11 +30,13 @@ from fastcbd.condense.hierarchical import distill_hierarchical, relabel_by_group
 from fastcbd.condense.mtt import MTTConfig, distill_mtt, train_experts
 from fastcbd.condense.outputs import save_grid, save_synthetic, write_results
 from fastcbd.condense.pool import RealPool, channel_stats, to_tensor
+from fastcbd.condense.relabel import auto_settings, auto_teacher, load_labeler
+from fastcbd.condense.rldd import RLDDConfig, distill_rldd
 from fastcbd.condense.synthetic import SyntheticSet, class_budget
 from fastcbd.train.metrics import shot_accuracy
 
 log = logging.getLogger("fastcbd")
-METHODS = ("dm", "dsa", "mtt")
+METHODS = ("dm", "dsa", "mtt", "rldd")
 
 
 @dataclass
@@ -57,11 +60,17 @@ class CondenseConfig:
     preset_why: str = ""  # why that preset (logged, and in results.json)
     matching: str = "auto"  # DM / DSA: batched (all classes per call) | loop (per class) | auto: batched on a GPU,
     # loop on the CPU, where the batched forms measured slower (benchmarks/bench_condense.py)
+    relabel: str = ""  # "" | a fastcbd model file | auto (balanced-softmax teacher, cached); rldd: auto by default
+    relabel_tau: float = 1.0
+    relabel_calibrate: bool = False  # also evaluate with the ADSA-style calibrated soft labels (relabel.py)
+    teacher_epochs: int = 150  # --relabel auto: the teacher's epochs (the demo recipe otherwise)
+    teacher_width: int = 16
     dm: DMConfig = field(default_factory=DMConfig)
     gm: GMConfig = field(default_factory=GMConfig)
     mtt: MTTConfig = field(default_factory=MTTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dsa: DSAConfig = field(default_factory=DSAConfig)
+    rldd: RLDDConfig = field(default_factory=RLDDConfig)
 
 
 def load_splits(cfg: CondenseConfig):
@@ -110,6 +119,20 @@ class Runner:
         self.images: dict[str, int] = {}
         self.groups = None
         self.clock = None  # a RunClock (eta.py) once the run is planned
+        self.labeler = None  # relabel.SoftLabeler with --relabel (or rldd)
+        self.stage_times: dict[str, float] = defaultdict(float)  # seconds per stage, summed over seeds
+
+    def timed(self, stage: str):
+        """A context manager adding its block's seconds to stage_times[stage]."""
+        runner = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                runner.stage_times[stage] += time.perf_counter() - self.t0
+        return _T()
 
     def bar(self, total: int, desc: str, kind: str | None = None, weight: float = 1.0):
         """A progress bar; with `kind`, its updates are also timed by the run's clock (eta.py)."""
@@ -121,13 +144,29 @@ class Runner:
         m.update(inter_class_bias(pred, self.y_test, self.counts, self.groups))
         self.runs[name].append(m)
 
-    def evaluate(self, name: str, x, t, seed: int, aug: DSA, keep_first: bool = False):
+    def evaluate(self, name: str, x, t, seed: int, aug: DSA, keep_first: bool = False, relabel: bool = True):
+        """Hard-label evaluation of (x, t) recorded as `name`; with a teacher (and relabel) also relabeled,
+        as `name@relabel`, and with --relabel-calibrate calibrated, as `name@calibrated`."""
         ecfg, first = self.cfg.eval, None
-        with self.bar(ecfg.repeats * ecfg.steps, f"eval {name} seed {seed}", "eval", min(ecfg.batch, len(x))) as bar:
-            for r in range(ecfg.repeats):
-                net = train_classifier(x, t, self.num_classes, ecfg, seed * 100 + r, aug, bar)
-                self.record(name, predict(net, self.x_test))
-                first = first if first is not None else net
+        kinds = [("", None)]
+        if self.labeler is not None and relabel:
+            kinds.append(("@relabel", self.labeler))
+            if self.cfg.relabel_calibrate:
+                kinds.append(("@calibrated", self.labeler))
+        for suffix, teacher in kinds:
+            with self.timed(f"{name}: evaluation{suffix or ' (hard labels)'}"), \
+                    self.bar(ecfg.repeats * ecfg.steps, f"eval {name}{suffix} seed {seed}", "eval",
+                             min(ecfg.batch, len(x))) as bar:
+                if suffix == "@calibrated":
+                    self.labeler.calibrate(x, aug)
+                try:
+                    for r in range(ecfg.repeats):
+                        net = train_classifier(x, t, self.num_classes, ecfg, seed * 100 + r, aug, bar, teacher)
+                        self.record(name + suffix, predict(net, self.x_test))
+                        first = first if first is not None else net
+                finally:
+                    if teacher is not None:
+                        teacher.bias = None
         return first if keep_first else None
 
     def evaluate_two_stage(self, name: str, group_x, group_t, class_sets, seed: int, aug: DSA) -> None:
@@ -136,10 +175,14 @@ class Runner:
         sizes = ([len(group_x)] if len(self.groups) > 1 and group_x is not None else []) + \
             [len(s[0]) for s in class_sets if s is not None]
         weight = sum(min(ecfg.batch, n) for n in sizes) / max(len(sizes), 1)
-        with self.bar(ecfg.repeats * ecfg.steps * n_nets, f"eval {name} seed {seed}", "eval", weight) as bar:
-            for r in range(ecfg.repeats):
-                ts = train_two_stage(self.groups, group_x, group_t, class_sets, ecfg, seed * 100 + r, aug, bar)
-                self.record(name, ts.predict(self.x_test))
+        for suffix, teacher in [("", None)] + ([("@relabel", self.labeler)] if self.labeler is not None else []):
+            with self.timed(f"{name}: evaluation{suffix or ' (hard labels)'}"), \
+                    self.bar(ecfg.repeats * ecfg.steps * n_nets, f"eval {name}{suffix} seed {seed}", "eval",
+                             weight) as bar:
+                for r in range(ecfg.repeats):
+                    ts = train_two_stage(self.groups, group_x, group_t, class_sets, ecfg, seed * 100 + r, aug, bar,
+                                         teacher)
+                    self.record(name + suffix, ts.predict(self.x_test))
 
     def distiller(self, method: str, seed: int, aug: DSA):
         cfg = self.cfg
@@ -152,6 +195,15 @@ class Runner:
             elif method == "dsa":
                 with self.bar(cfg.gm.iterations, f"dsa {tag} seed {seed}", "dsa", pool.num_labels) as bar:
                     distill_gm(pool, syn, cfg.gm, aug, s, bar, loop=loop)
+            elif method == "rldd":
+                # the relabel teacher scores the crops of the class-level set; a group-level or within-group
+                # pool (hierarchical) has other labels, and its own observer scores them
+                scorer = self.labeler.probs if (self.labeler is not None and tag == "all") else None
+                with self.bar(cfg.rldd.iterations, f"rldd {tag} seed {seed}", "rldd", len(syn.labels)) as bar:
+                    sub = {}
+                    distill_rldd(pool, syn, cfg.rldd, aug, s, bar, scorer, sub)
+                for k, v in sub.items():
+                    self.stage_times[f"rldd: {k}" + ("" if tag == "all" else f" ({tag})")] += v
             elif method == "mtt":
                 with self.bar(cfg.mtt.num_experts, f"mtt experts {tag}", "mtt experts", len(pool.y)) as bar:
                     paths = train_experts(pool, cfg.mtt, os.path.join(self.out_dir, "experts", tag), aug, 0, bar)
@@ -200,7 +252,8 @@ class Runner:
             distill = self.distiller(method, seed, aug)
             t0 = time.perf_counter()
             syn = SyntheticSet.from_real(self.pool, cfg.ipc, gen, cfg.soft_labels)
-            distill(self.pool, syn, seed, "all")
+            with self.timed(f"{method}: distillation"):
+                distill(self.pool, syn, seed, "all")
             self.evaluate(method, syn.images.detach(), syn.targets().detach(), seed, aug)
             self.times[method] += time.perf_counter() - t0
             self.images[method] = len(syn.labels)
@@ -213,8 +266,10 @@ class Runner:
             self.times[f"{method}+2stage"] += time.perf_counter() - t0
             self.images[f"{method}+2stage"] = len(syn.labels)
             t0 = time.perf_counter()
-            hs = distill_hierarchical(self.pool, self.groups, cfg.ipc, distill, seed,
-                                      [cfg.group_ipc] * len(self.groups) if cfg.group_ipc else None, cfg.soft_labels)
+            with self.timed(f"{method}+hier: distillation"):
+                hs = distill_hierarchical(self.pool, self.groups, cfg.ipc, distill, seed,
+                                          [cfg.group_ipc] * len(self.groups) if cfg.group_ipc else None,
+                                          cfg.soft_labels)
             gs = hs["group"]
             class_sets = [None if s is None else (s.images.detach(), s.targets().detach()) for s in hs["classes"]]
             self.evaluate_two_stage(f"{method}+hier", gs.images.detach() if gs is not None else None,
@@ -241,7 +296,7 @@ class Runner:
 
 
 def _settings(cfg: CondenseConfig) -> str:
-    iters = {"dm": cfg.dm.iterations, "dsa": cfg.gm.iterations, "mtt": cfg.mtt.iterations}
+    iters = {"dm": cfg.dm.iterations, "dsa": cfg.gm.iterations, "mtt": cfg.mtt.iterations, "rldd": cfg.rldd.iterations}
     return (", ".join(f"{m} {iters[m]} iterations" for m in cfg.methods)
             + f"; evaluation {cfg.eval.repeats} x {cfg.eval.steps} steps; ConvNet width {cfg.eval.width}; "
             f"{cfg.seeds} seed(s)")
@@ -258,6 +313,7 @@ def run_condense(cfg: CondenseConfig, out_dir: str, progress: bool = True) -> di
         cfg.dsa.flip = False  # a mirrored digit is another symbol (the DSA reference drops flip on MNIST)
     os.makedirs(out_dir, exist_ok=True)
     runner = Runner(cfg, splits, out_dir, progress)
+    teacher = setup_teacher(cfg, runner, splits, out_dir, progress)
     budget, tail = class_budget(runner.counts, cfg.ipc)
     if tail:
         log.info("tail rule: class(es) %s have fewer real images than IPC %d; using all of them (%s)",
@@ -274,13 +330,45 @@ def run_condense(cfg: CondenseConfig, out_dir: str, progress: bool = True) -> di
             runner.clock.report()
     methods = {}
     for name, runs in runner.runs.items():
-        methods[name] = {**summarize(runs), "images": runner.images[name],
-                         "time_s": runner.times[name] / cfg.seeds}
+        base, _, kind = name.partition("@")
+        if kind:
+            continue
+        methods[name] = {**summarize(runs), "images": runner.images[name], "time_s": runner.times[name] / cfg.seeds}
+        for k in ("relabel", "calibrated"):
+            if f"{name}@{k}" in runner.runs:
+                methods[name][k] = summarize(runner.runs[f"{name}@{k}"])
     results = {"dataset": splits.name, "rho": cfg.rho, "ipc": cfg.ipc, "seeds": cfg.seeds,
                "evals": cfg.eval.repeats, "split": "test", "class_counts": runner.counts, "budget": budget,
                "tail_rule": {str(k): v for k, v in tail.items()}, "groups": runner.groups, "grouping": cfg.grouping,
                "config": dataclasses.asdict(cfg), "methods": methods,
                "preset": {"name": cfg.preset, "why": cfg.preset_why, "device": cfg.device},
-               "time_estimate": runner.clock.record(), "total_time_s": time.perf_counter() - t0}
+               "time_estimate": runner.clock.record(), "total_time_s": time.perf_counter() - t0,
+               "teacher": teacher, "stage_times_s": {k: v / cfg.seeds for k, v in runner.stage_times.items()}}
     write_results(out_dir, results)
     return results
+
+
+def setup_teacher(cfg: CondenseConfig, runner: Runner, splits, out_dir: str, progress: bool) -> dict | None:
+    """Load (or with auto train, or reuse from the cache) the relabel teacher into runner.labeler; rldd
+    without --relabel uses auto. Returns what results.json records of it: path, whether reused, seconds,
+    and its own accuracy on the test split."""
+    source = cfg.relabel or ("auto" if "rldd" in cfg.methods else "")
+    if not source:
+        return None
+    t0 = time.perf_counter()
+    reused = None
+    if source == "auto":
+        settings = auto_settings(cfg.dataset, cfg.rho, cfg.data_seed, cfg.data_root, cfg.teacher_epochs,
+                                 cfg.teacher_width)
+        path, reused = auto_teacher(settings, os.path.join(out_dir, "teachers"), cfg.device, progress)
+    else:
+        path = source
+    runner.labeler = load_labeler(path, runner.num_classes, tuple(runner.x_train.shape[1:]), runner.mean, runner.std,
+                                  cfg.relabel_tau, cfg.device)
+    seconds = time.perf_counter() - t0
+    runner.stage_times["teacher" + (" (reused from the cache)" if reused else "")] += seconds * cfg.seeds
+    acc = shot_accuracy(runner.labeler.predict(runner.x_test), runner.y_test, runner.counts)
+    log.info("relabel teacher %s: all %.2f  many %.2f  medium %.2f  few %.2f (%.1f s%s)", path, acc["all"],
+             acc["many"], acc["medium"], acc["few"], seconds, ", reused" if reused else "")
+    return {"path": path, "source": source, "reused": reused, "tau": cfg.relabel_tau, "seconds": seconds,
+            "accuracy": {k: acc[k] for k in ("all", "many", "medium", "few", "per_class")}}
