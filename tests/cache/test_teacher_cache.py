@@ -214,3 +214,22 @@ def test_a_student_on_a_cache_resumes_bit_exactly_and_matches_the_cli(tmp_path):
     bad = subprocess.run(_cli("train-student", "--out", str(tmp_path / "c"), *run, "student.teacher_cache=5"),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "views: cache 3, this run 5" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torch.distributed / torchrun not available")
+def test_torchrun_ranks_build_their_shares_of_one_cache(tmp_path):
+    data = _npz(tmp_path)
+    teachers = _save_teachers(tmp_path, data)
+    common = ["--data", data, "--teachers", *teachers, "--views", "4", "--chunk-rows", "40", *TINY]
+    one = subprocess.run(_cli("cache-teachers", "--out", str(tmp_path / "one"), *common), capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fastcbd", "cache-teachers", "--out",
+                          str(tmp_path / "two"), *common], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert two.returncode == 0, two.stderr[-4000:]
+    a, b = TeacherCache(str(tmp_path / "one")), TeacherCache(str(tmp_path / "two"))
+    assert b.complete and len(b.done) == 7 and np.array_equal(a.params, b.params)
+    assert np.array_equal(np.asarray(a.features).view(np.uint16), np.asarray(b.features).view(np.uint16))
