@@ -233,3 +233,23 @@ def test_torchrun_ranks_build_their_shares_of_one_cache(tmp_path):
     a, b = TeacherCache(str(tmp_path / "one")), TeacherCache(str(tmp_path / "two"))
     assert b.complete and len(b.done) == 7 and np.array_equal(a.params, b.params)
     assert np.array_equal(np.asarray(a.features).view(np.uint16), np.asarray(b.features).view(np.uint16))
+
+
+def test_the_demo_pipeline_trains_both_students_from_one_cache(tmp_path):
+    from fastcbd.train.pipeline import run_cbd
+
+    data = _npz(tmp_path)
+    cfg = load_config(None, ["data.dataset=npz", f"data.path={data}", *TINY, "teacher.optim.epochs=1",
+                             "student.optim.epochs=1", "crt.epochs=1", "teacher.kinds=[vanilla,aug]",
+                             "student.teacher_cache=2", "student.cache_allot=balanced", "baselines.methods=[]"])
+    r = run_cbd(cfg, str(tmp_path / "run"), progress=False)
+    assert r["seconds"]["teacher_cache"] > 0 and {"cbd", "cbd_ens"} <= set(r["methods"])
+    cache = TeacherCache(str(tmp_path / "run" / "teacher_cache"))
+    assert cache.complete and cache.key["allot"] == "balanced" and len(cache.meta["teachers"]) == 2
+    counts = np.diff(cache.offsets)
+    y = np.load(data)["y_train"]
+    assert counts[y == 2].min() > counts[y == 0].max()  # the rarest class's images have the most views
+    cbd, blob = load_model(str(tmp_path / "run" / "cbd" / "model.pt"))
+    ens, blob_ens = load_model(str(tmp_path / "run" / "cbd_ens" / "model.pt"))
+    assert blob["arch"]["proj_dim"] == 16 and blob_ens["arch"]["proj_dim"] == 32  # CBD: the first teacher's columns
+    assert [t["weights"] for t in blob_ens["meta"]["teachers"]] == cache.key["teachers"]
