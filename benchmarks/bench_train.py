@@ -1,46 +1,76 @@
-"""Images/s, model FLOP utilisation and peak memory of one full CBD_ENS student step: data, K teachers
-forward, student forward + backward, loss, optimizer step. fastcbd's engine against a plain eager PyTorch
-implementation of the same recipe written here (a Python loop over the teachers under no_grad, the
-unfused loss in PyTorch ops).
+"""Images/s of one full CBD_ENS student step (data, K teachers forward, student forward + backward, loss,
+optimizer step), built up part by part so that a reader sees what each part buys: a plain eager PyTorch
+implementation of the same recipe (written here: a Python loop over the teachers under no_grad, the
+unfused loss in PyTorch ops, a DataLoader with per-image torchvision crops) in fp32 and bf16, fastcbd's
+engine in fp32 and bf16, and fastcbd bf16 plus each of torch.compile, vmapped teachers and a teacher cache.
+Then a per-component profile of every variant, and the MFU on a GPU.
 
     cd /work/main && .venv/bin/python benchmarks/bench_train.py            # resnet18 + cnn, CPU, 2 threads
-    .venv/bin/python benchmarks/bench_train.py --quick --only cnn           # smoke test
+    .venv/bin/python benchmarks/bench_train.py --only cnn --compile --compile-budget 300
+    .venv/bin/python benchmarks/bench_train.py --quick --only cnn --csv /tmp/t.csv   # smoke test (dry shape)
     .venv/bin/python benchmarks/bench_train.py --only resnet50 --device cuda --compile   # the GPU run
     .venv/bin/python benchmarks/bench_train.py --only resnet50 --device cpu --quick --csv /tmp/x.csv  # its dry run
-    .venv/bin/python benchmarks/bench_train.py --profile --only resnet18     # where a step's time goes
 
 Cases (default: resnet18 and cnn on the CPU, all three on a GPU):
-  resnet18  3 x 112 x 112 crops of 128 px images, batch 64, 4 teachers; data through the loaders below
-  cnn       the demo's small_cnn on 28 x 28 gray digits, batch 128, 4 teachers; loaders below
-  resnet50  ImageNet-LT shape: 224 px, batch 256, 4 ResNet-50 teachers, 1000 classes, bf16. Data:
-            synthetic uint8 images resident on the device; each step gathers a random batch and
-            normalises it (no decode, no crop: the step is measured, not the input pipeline), the same
-            for every variant. --quick on the CPU runs a dry shape instead (ResNet-18 stand-in, 32 px,
-            batch 4, 2 teachers, 10 classes) so that every variant's code path runs once in seconds.
-Variants:
-  plain_fp32   fp32, the teachers in a loop under no_grad, the unfused loss, torch.optim.SGD; resnet18/cnn
-               feed it with a DataLoader(workers) + torchvision v2 RandomResizedCrop per image
-  plain_bf16   the same under bf16 autocast (resnet50: and channels_last)
-  fastcbd      bf16 autocast, channels_last, the teachers in a loop under inference_mode, the fused
-               cbd_loss (fastcbd.functional); resnet18/cnn: DeviceLoader (batched on-device augmentation)
-  fastcbd_fp32 the same without autocast (resnet18, cnn)
-  fastcbd_vmap the same with the teachers stacked into one vmapped module (teacher.batched=on)
-  fastcbd_compile (--compile) the same with torch.compile of the loss function (teachers, student forward,
-               loss; backward through AOTAutograd). It runs in a subprocess bounded by --compile-budget
-               seconds (startup, compile, warm-up and timed steps together): past it the subprocess is
-               killed and the row says `skipped` with the reason, so the script never hangs on a compile.
-Timing: resnet50 interleaves its variants (one step each per round, order rotating; --sequential: back to
-back); resnet18/cnn time each variant's steps back to back (their DataLoader workers would prefetch while
-other variants run). On CUDA cudnn.benchmark is on (its autotuning falls in the warm-up) and PyTorch's
-default precision flags are kept (cuDNN convolutions may use TF32 in fp32; matmuls do not).
-MFU: model FLOPs per image = 3 x student forward + K x teacher forward (forward + backward of the
-student ~ 3 forwards), counted once with torch.utils.flop_counter.FlopCounterMode on the meta device
-(2 FLOPs per multiply-add: ResNet-50 at 224 px counts 8.2 GFLOP, the 4.1 G often quoted is
-multiply-adds), over the bf16 matmul rate measured in the same call (n x n x n bf16 GEMMs timed with
-CUDA events, or perf_counter on the CPU). fp32 rows are divided by the same bf16 rate.
-Autocast is bf16 on the CPU and on a GPU (it was fp16 on a GPU before the resnet50 case). The variants of
-a case share its frozen teachers (one set per memory format); each has its own student and optimizer.
-Rows go to benchmarks/results/train.csv; x_plain = plain_fp32 median / median, x_plain_bf16 likewise.
+  resnet18  3 x 112 x 112 crops of 128 px images, batch 64, 4 teachers, 100 classes
+  cnn       the demo's small_cnn on 28 x 28 gray digits, batch 128, 4 teachers, 10 classes
+  resnet50  ImageNet-LT shape: 224 px, batch 256, 4 ResNet-50 teachers, 1000 classes. Data: synthetic
+            uint8 images resident on the device; each step gathers a random batch and normalises it (no
+            decode, no crop: the step is measured, not the input pipeline), the same for every variant
+            but the cache one (which also applies its stored crop, see below).
+  --quick on the CPU runs every case at a DRY SHAPE (tiny model, batch, images; labelled in the rows) so
+  that every code path runs in seconds; its numbers mean nothing.
+Variants (each has its own student and optimizer; the variants of a case share its frozen teachers):
+  plain_fp32     fp32, teachers in a loop under no_grad, the loss in PyTorch ops, torch.optim.SGD;
+                 data: DataLoader + torchvision v2 RandomResizedCrop per image (resnet18, cnn)
+  plain_bf16     the same under bf16 autocast (resnet50: and channels_last, the tuned eager baseline)
+  fastcbd_fp32   fastcbd's engine in fp32: channels_last, teachers under inference_mode, the fused cbd_loss
+                 (fastcbd.functional), make_optimizer's SGD; data: DeviceLoader (uint8 images resident,
+                 batched on-device crops)
+  fastcbd_bf16   the same under bf16 autocast: fastcbd's default step
+  fastcbd_vmap   fastcbd_bf16 + the teachers stacked into one vmapped module (teacher.batched=on)
+  fastcbd_cache  fastcbd_bf16 + a teacher cache: the K teachers are not run in the step. Before timing, V
+                 views per image (--views) are drawn once with fastcbd.data.augment.draw_crop ((N, V, 5)
+                 float32 crop parameters), cut with apply_crop, and the teachers run once over them (bf16
+                 autocast, inference_mode, channels_last); their features are kept resident as fp16
+                 (N x V x sum D_k). Each step draws the images by the class-balanced sampler and a view per
+                 image, applies the stored crop parameters to the images and gathers the features. This is
+                 an emulation of what fastcbd/train/teacher_cache.py (issue #13 §1) does, written here
+                 because that module does not exist yet. Its one-time build is timed on its own
+                 (cache_build_s column; break_even_steps = build / (fastcbd_bf16 step - cache step)), and
+                 one batch is checked against the live teachers on the same pixels (cache_loss_err).
+  fastcbd_compile (--compile) fastcbd_bf16 + torch.compile of teachers + student forward + loss (backward
+                 through AOTAutograd). It runs in a subprocess bounded by --compile-budget seconds (startup,
+                 compile, warm-up and timed steps together; past it the subprocess is killed and the row
+                 says `skipped`), so it is NOT interleaved with the others: its steps are timed back to back
+                 in that subprocess (same threads, same warm-up/repeats), and compile_s is its first call
+                 (compile + one step), not timed.
+Timing: every variant's steps are interleaved in one run (after each variant's warm-up, one step of each
+per round, the order rotating; each step timed between device synchronisations, the garbage collector
+off), so that load from other processes hits all variants alike; --sequential times them back to back.
+Thread/worker budget: the same for every variant: --threads torch intra-op threads (default 2) and NO
+DataLoader workers (--workers 0): the plain variants' per-image crops run in the main process inside
+their timed step, as the DeviceLoader's batched crops do. DataLoader workers would prefetch in the
+background while the other variants' steps are being timed (taking their cores and hiding their own
+cost); --workers N > 0 gives the plain variants N workers and then times the variants back to back
+(interleaved=0 in the rows), which is the only honest way to time a prefetching loader.
+Profile (--profile-rounds R, default 3; 0 = off): every variant but compile, R more interleaved rounds of a
+step split into components, each timed between synchronisations: data (next batch on the device),
+teachers (the K forwards, or the cache gather), student_fwd (student.features), loss (the loss forward
++ backward to the features and the classifier weight, torch.autograd.grad), student_bwd (the rest of the
+backward, features.backward(grad)), optimizer (step + scheduler). The split adds synchronisations and
+splits the backward in two, so the components add up to about, not exactly, the step (sum_ms beside
+step_ms in the rows). Rows go to benchmarks/results/train_profile.csv.
+On CUDA cudnn.benchmark is on (its autotuning falls in the warm-up) and PyTorch's default precision flags
+are kept (cuDNN convolutions may use TF32 in fp32; matmuls do not).
+MFU: model FLOPs per image = 3 x student forward + K x teacher forward, counted once with
+torch.utils.flop_counter.FlopCounterMode on the meta device (2 FLOPs per multiply-add), over the bf16
+matmul rate measured in the same call. fp32 rows are divided by the same bf16 rate. The cache variant's
+row keeps the same model FLOPs (the teachers' work moved into the build, not removed).
+Ratios in the rows (median over median, same run): x_plain (over plain_fp32), x_plain_bf16 (over
+plain_bf16), x_equal_precision (fp32 variants over plain_fp32, bf16 ones over plain_bf16: what fastcbd
+buys at the same precision) and x_fastcbd_bf16 (over fastcbd_bf16: what compile, vmap and the cache add).
+Rows go to benchmarks/results/train.csv, with the load average (load1) of the machine at the time.
 """
 from __future__ import annotations
 
@@ -67,7 +97,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import append_rows, measure, print_table, summarize
-from fastcbd.data.augment import AugmentConfig
+from fastcbd.data.augment import AugmentConfig, apply_crop, draw_crop
 from fastcbd.data.device_loader import DeviceLoader
 from fastcbd.data.samplers import build_sampler
 from fastcbd.functional import cbd_loss
@@ -77,19 +107,26 @@ from fastcbd.train.ensemble import ensemble
 from fastcbd.train.loop import autocast_context, make_optimizer
 
 ALPHA, BETA, SIGMA = 0.4, 100.0, 20.0
-LOADER_VARIANTS = ("plain_fp32", "plain_bf16", "fastcbd", "fastcbd_fp32", "fastcbd_vmap")
-RESIDENT_VARIANTS = ("plain_fp32", "plain_bf16", "fastcbd", "fastcbd_vmap")
+VARIANTS = ("plain_fp32", "plain_bf16", "fastcbd_fp32", "fastcbd_bf16", "fastcbd_vmap", "fastcbd_cache")
+PRECISION = {"plain_fp32": "fp32", "plain_bf16": "bf16", "fastcbd_fp32": "fp32", "fastcbd_bf16": "bf16",
+             "fastcbd_vmap": "bf16", "fastcbd_cache": "bf16", "fastcbd_compile": "bf16"}
+COMPONENTS = ("data", "teachers", "student_fwd", "loss", "student_bwd", "optimizer")
+CROP = AugmentConfig(crop_scale=(0.6, 1.0), crop_ratio=(0.75, 4 / 3), flip=False)  # torchvision's RRC scale here
 CASES = {  # backbone, width, channels, stored size, crop, batch, images, classes, teachers
     "resnet18": {"backbone": "resnet18", "width": 0, "c": 3, "size": 128, "crop": 112, "batch": 64, "n": 1024,
-                 "classes": 100, "k": 4, "variants": LOADER_VARIANTS, "shape": "ResNet-18, 112 px, batch 64, 4 teachers"},
+                 "classes": 100, "k": 4, "shape": "ResNet-18, 112 px, batch 64, 4 teachers"},
     "cnn": {"backbone": "small_cnn", "width": 16, "c": 1, "size": 28, "crop": 28, "batch": 128, "n": 2048, "classes": 10,
-            "k": 4, "variants": LOADER_VARIANTS, "shape": "small CNN, 28 px, batch 128, 4 teachers"},
+            "k": 4, "shape": "small CNN, 28 px, batch 128, 4 teachers"},
     # resident: uint8 images on the device, random gathers; no loader, no augmentation (see the docstring)
     "resnet50": {"backbone": "resnet50", "width": 0, "c": 3, "size": 224, "crop": 224, "batch": 256, "n": 512,
-                 "classes": 1000, "k": 4, "variants": RESIDENT_VARIANTS, "resident": True,
+                 "classes": 1000, "k": 4, "resident": True,
                  "shape": "ResNet-50, 224 px, batch 256, 4 ResNet-50 teachers, 1000 classes"},
 }
-DRY = {  # --quick on the CPU: the same code paths on a shape that runs in seconds
+DRY = {  # --quick on the CPU: the same code paths on shapes that run in seconds
+    "resnet18": {**CASES["resnet18"], "size": 40, "crop": 32, "batch": 8, "n": 32, "classes": 5, "k": 2,
+                 "shape": "DRY SHAPE (not the resnet18 case): ResNet-18, 32 px, batch 8, 2 teachers, 5 classes"},
+    "cnn": {**CASES["cnn"], "width": 4, "size": 16, "crop": 16, "batch": 8, "n": 32, "classes": 4, "k": 2,
+            "shape": "DRY SHAPE (not the cnn case): small CNN width 4, 16 px, batch 8, 2 teachers, 4 classes"},
     "resnet50": {**CASES["resnet50"], "backbone": "resnet18", "size": 32, "crop": 32, "batch": 4, "n": 16, "classes": 10,
                  "k": 2, "shape": "DRY SHAPE (not ResNet-50): ResNet-18 stand-in, 32 px, batch 4, 2 teachers, 10 classes"},
 }
@@ -102,6 +139,15 @@ def data(case, seed=0):
     y = np.minimum(rng.geometric(0.05, case["n"]) - 1, case["classes"] - 1)  # long-tailed labels
     y[: case["classes"]] = np.arange(case["classes"])  # every class has an image
     return x, y
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _channels_last(x, on: bool):
+    return x.contiguous(memory_format=torch.channels_last if on else torch.contiguous_format)
 
 
 class ResidentData:
@@ -119,8 +165,7 @@ class ResidentData:
     def batch(self, channels_last: bool):
         idx = torch.randint(len(self.x), (self.batch_size,), device=self.device, generator=self.gen)
         x = self.x.index_select(0, idx).float().sub_(127.5).div_(64.0)
-        return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), \
-            self.y.index_select(0, idx)
+        return _channels_last(x, channels_last), self.y.index_select(0, idx)
 
 
 def models(case, device, channels_last, shared=None):
@@ -205,14 +250,25 @@ def cbd_loss_plain(p, w, y, t_feats):
     return (1 - ALPHA) * F.cross_entropy(z, y) + ALPHA * BETA * (1 - (f * t).sum(1)).mean()
 
 
+def cbd_loss_fused(p, w, y, t_feats):
+    return cbd_loss(p, w, y, t_feats, alpha=ALPHA, beta=BETA, sigma=SIGMA)
+
+
+def _forever(dl, sampler):
+    for epoch in itertools.count():  # a new epoch of the sampler each pass (its draw is per epoch)
+        sampler.set_epoch(epoch)
+        yield from dl
+
+
 def loader_batches(case, device, workers):
-    """resnet18/cnn's plain input: DataLoader + per-image torchvision RandomResizedCrop, forever."""
+    """The plain input (resnet18/cnn): DataLoader + per-image torchvision RandomResizedCrop, forever.
+    workers = 0: the crops run in the main process, inside the timed step."""
     import torchvision.transforms.v2 as T
     from torch.utils.data import DataLoader, Dataset
 
     x, y = data(case)
-    tf = T.Compose([T.RandomResizedCrop(case["crop"], scale=(0.6, 1.0), antialias=True), T.ToDtype(torch.float32, scale=True),
-                    T.Normalize([0.5] * case["c"], [0.25] * case["c"])])
+    tf = T.Compose([T.RandomResizedCrop(case["crop"], scale=CROP.crop_scale, ratio=CROP.crop_ratio, antialias=True),
+                    T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * case["c"], [0.25] * case["c"])])
 
     class DS(Dataset):
         def __len__(self):
@@ -224,142 +280,270 @@ def loader_batches(case, device, workers):
     smp = build_sampler("balanced", y, seed=0)
     dl = DataLoader(DS(), batch_size=case["batch"], sampler=smp, num_workers=workers, drop_last=True,
                     persistent_workers=workers > 0)
-    batches = itertools.cycle(dl) if workers == 0 else _forever(dl)
-    return lambda: tuple(t.to(device) for t in next(batches))
+    batches = _forever(dl, smp)
+    return lambda: tuple(t.to(device) for t in next(batches)) + (None,)
 
 
-def plain_step_fn(case, device, amp, workers=0, resident=None, shared=None):
-    channels_last = resident is not None and amp != "none"  # resnet50's plain bf16 is the tuned eager baseline
-    next_batch = (lambda: resident.batch(channels_last)) if resident is not None else loader_batches(case, device, workers)
-    teachers, student = models(case, device, channels_last, shared)
-    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=2.5e-4)
-
-    def step():
-        xb, yb = next_batch()
-        with autocast_context(device, amp):
-            with torch.no_grad():
-                t_feats = [t.features(xb) for t in teachers]
-            loss = cbd_loss_plain(student.features(xb), student.classifier.weight, yb, t_feats)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
-
-
-def _forever(dl):
-    while True:
-        yield from dl
+def _stored_at_crop_size(case):
+    """The case's images, resized once to the crop size when they are stored larger (DeviceLoader's and
+    the cache's crops keep the stored size): uint8 (N, H, W, C) numpy, labels."""
+    x, y = data(case)
+    if case["crop"] != case["size"]:
+        x = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float(), size=case["crop"], mode="bilinear",
+                          antialias=True).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return x, y
 
 
 def device_loader_batches(case, device):
-    """resnet18/cnn's fastcbd input: DeviceLoader with batched on-device random-resized crops, forever."""
-    x, y = data(case)
+    """fastcbd's input (resnet18/cnn): DeviceLoader with batched on-device random-resized crops, forever."""
+    x, y = _stored_at_crop_size(case)
     smp = build_sampler("balanced", y, seed=0)
-    aug = AugmentConfig(crop_scale=(0.6, 1.0), crop_ratio=(0.75, 4 / 3), flip=False)
-    if case["crop"] != case["size"]:  # DeviceLoader's crops keep the stored size: store at the crop size
-        x = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float(), size=case["crop"], mode="bilinear",
-                          antialias=True).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    loader = DeviceLoader(x, y, case["batch"], sampler=smp, aug=aug, mean=[0.5] * case["c"], std=[0.25] * case["c"],
+    loader = DeviceLoader(x, y, case["batch"], sampler=smp, aug=CROP, mean=[0.5] * case["c"], std=[0.25] * case["c"],
                           device=device, drop_last=True, channels_last=True)
 
-    def batches():
+    it = _forever(loader, smp)
+    return lambda: next(it) + (None,)
+
+
+class TeacherCache:
+    """The teacher-feature cache, emulated (what fastcbd/train/teacher_cache.py of issue #13 §1 does): V
+    stored views per image, each described by its crop parameters (N, V, 5) float32 (draw_crop), and the
+    K teachers' features on them, (N * V, sum D_k) fp16, resident on the device.
+
+    images: uint8 (N, C, H, W) on the device; labels (N,) int64. The build runs the teachers once over
+    all N x V views in batches (inference_mode, `amp` autocast, channels_last); build_s is its wall time.
+    batch() -> (x (B, C, H, W) float32 normalised, channels_last; y (B,); rows (B,) int64 into feats):
+    the class-balanced sampler picks the images, the cache's generator a view of each, and the stored
+    parameters cut the images (apply_crop): the same pixels the teachers saw at build time."""
+
+    def __init__(self, images, labels, teachers, views, batch, device, amp="bf16", resident=False, seed=0):
+        self.device, self.views, self.batch_size, self.resident = device, int(views), int(batch), resident
+        self.images, self.labels = images, labels
+        self.dims = [t.out_features for t in teachers]
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed)
+        n = len(images)
+        self.sampler = None if resident else build_sampler("balanced", labels.cpu().numpy(), seed=0)
+        self._order = self._indices()
+        _sync(device)
+        t0 = time.perf_counter()
+        self.params = draw_crop(n * self.views, CROP, self.gen, device).view(n, self.views, 5)
+        self.feats = torch.empty(n * self.views, sum(self.dims), dtype=torch.float16, device=device)
+        rows = torch.arange(n * self.views, device=device)
+        with torch.inference_mode(), autocast_context(device, amp):
+            for chunk in rows.split(self.batch_size):
+                x = self.views_of(chunk // self.views, chunk % self.views)
+                self.feats[chunk] = torch.cat([t.features(x) for t in teachers], 1).to(torch.float16)
+        _sync(device)
+        self.build_s = time.perf_counter() - t0
+
+    def _normalise(self, x):
+        if self.resident:  # as ResidentData
+            return x.float().sub_(127.5).div_(64.0)
+        return x.float().div_(255).sub_(0.5).div_(0.25)  # as DeviceLoader with mean 0.5, std 0.25 ([0, 1] scale)
+
+    def views_of(self, idx, view):
+        """The stored views (image idx, view index) as a normalised channels_last batch."""
+        x = self._normalise(self.images.index_select(0, idx))
+        x = apply_crop(x, self.params[idx, view], CROP)
+        return _channels_last(x, True)
+
+    def _indices(self):
+        if self.resident:  # random gathers, as ResidentData
+            while True:
+                yield torch.randint(len(self.images), (self.batch_size,), device=self.device, generator=self.gen)
         for epoch in itertools.count():
-            smp.set_epoch(epoch)
-            yield from loader
+            self.sampler.set_epoch(epoch)
+            order = self.sampler.indices()
+            for s in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                yield torch.from_numpy(order[s : s + self.batch_size]).to(self.device)
 
-    it = batches()
-    return lambda: next(it)
+    def batch(self):
+        idx = next(self._order)
+        view = torch.randint(self.views, (len(idx),), device=self.device, generator=self.gen)
+        return self.views_of(idx, view), self.labels.index_select(0, idx), idx * self.views + view
+
+    def teacher_features(self, rows):
+        """K (B, D_k) fp16 views of the gathered rows (the fused loss reads fp16 and accumulates in fp32)."""
+        return list(self.feats.index_select(0, rows).split(self.dims, 1))
 
 
-def fastcbd_step_fn(case, device, amp, batched, compile_backend="", resident=None, shared=None):
-    next_batch = (lambda: resident.batch(True)) if resident is not None else device_loader_batches(case, device)
-    teachers, student = models(case, device, True, shared)
-    run_teachers = ensemble(teachers, "on" if batched else "off")
-    opt, sched = make_optimizer(list(student.parameters()), OptimConfig(lr=0.1), case["batch"], 10**6)
+class Variant:
+    """One variant's step, built from its parts so that the profile can time them one by one.
 
-    def loss_fn(xb, yb):
-        t_feats = run_teachers(xb)
-        return cbd_loss(student.features(xb), student.classifier.weight, yb, t_feats, alpha=ALPHA, beta=BETA, sigma=SIGMA)
+    data() -> (x, y, rows); teachers(x, rows) -> K (B, D_k); student; loss(p, w, y, t_feats) -> scalar;
+    opt (+ sched); amp. step() is the plain training step; profiled_step() the same work split into
+    COMPONENTS, each timed between synchronisations."""
 
-    if compile_backend:
-        loss_fn = torch.compile(loss_fn, backend=compile_backend)
+    def __init__(self, name, data, teachers, student, loss, opt, sched, amp, device, compile_backend=""):
+        self.name, self.data, self.teachers, self.student, self.loss = name, data, teachers, student, loss
+        self.opt, self.sched, self.amp, self.device = opt, sched, amp, device
 
-    def step():
-        xb, yb = next_batch()
-        opt.zero_grad(set_to_none=True)
-        with autocast_context(device, amp):
-            loss = loss_fn(xb, yb)
+        def forward_loss(x, y, rows):
+            t_feats = self.teachers(x, rows)
+            return self.loss(self.student.features(x), self.student.classifier.weight, y, t_feats)
+
+        self.forward_loss = torch.compile(forward_loss, backend=compile_backend) if compile_backend else forward_loss
+
+    def step(self):
+        x, y, rows = self.data()
+        self.opt.zero_grad(set_to_none=True)
+        with autocast_context(self.device, self.amp):
+            loss = self.forward_loss(x, y, rows)
         loss.backward()
-        opt.step()
-        sched.step()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         return loss
 
-    return step
+    def profiled_step(self) -> dict:
+        out, t0 = {}, [time.perf_counter()]
+
+        def lap(name):
+            _sync(self.device)
+            t = time.perf_counter()
+            out[name + "_ms"] = (t - t0[0]) * 1e3
+            t0[0] = t
+
+        _sync(self.device)
+        t0[0] = time.perf_counter()
+        x, y, rows = self.data()
+        lap("data")
+        self.opt.zero_grad(set_to_none=True)
+        w = self.student.classifier.weight
+        with autocast_context(self.device, self.amp):
+            t_feats = self.teachers(x, rows)
+            lap("teachers")
+            p = self.student.features(x)
+            lap("student_fwd")
+            loss = self.loss(p, w, y, t_feats)
+        g_p, g_w = torch.autograd.grad(loss, [p, w])
+        lap("loss")
+        p.backward(g_p)
+        w.grad = g_w
+        lap("student_bwd")
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        lap("optimizer")
+        return out
 
 
-def build_step(case, variant, device, workers, resident, compile_backend="", shared=None):
-    """The step function of one variant (see the module docstring); shared: see models()."""
-    if variant in ("plain_fp32", "plain_bf16"):
-        return plain_step_fn(case, device, "none" if variant == "plain_fp32" else "bf16", workers, resident, shared)
-    if variant == "fastcbd_compile":
-        return fastcbd_step_fn(case, device, "bf16", False, compile_backend, resident, shared)
-    amp = "none" if variant == "fastcbd_fp32" else "bf16"
-    return fastcbd_step_fn(case, device, amp, variant == "fastcbd_vmap", resident=resident, shared=shared)
+def _plain_teachers(teachers):
+    def run(x, rows):
+        with torch.no_grad():
+            return [t.features(x) for t in teachers]
+    return run
 
 
-def profile(case, device, amp, steps=2):
-    """torch.profiler table of `steps` fastcbd steps (after 2 warm-up steps), by self time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
+def build_variant(case, name, device, workers=0, resident=None, shared=None, views=4, compile_backend=""):
+    """The Variant `name` of a case (see the module docstring). shared: see models(); for fastcbd_cache
+    it also keeps the built TeacherCache under "cache" (built once per case)."""
+    shared = {} if shared is None else shared
+    amp = "none" if PRECISION[name] == "fp32" else "bf16"
+    if name.startswith("plain"):
+        channels_last = resident is not None and amp != "none"  # resnet50's plain bf16: the tuned eager baseline
+        data_fn = (lambda: resident.batch(channels_last) + (None,)) if resident is not None else \
+            loader_batches(case, device, workers)
+        teachers, student = models(case, device, channels_last, shared)
+        opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=2.5e-4)
+        return Variant(name, data_fn, _plain_teachers(teachers), student, cbd_loss_plain, opt, None, amp, device)
+    teachers, student = models(case, device, True, shared)
+    opt, sched = make_optimizer(list(student.parameters()), OptimConfig(lr=0.1), case["batch"], 10**6)
+    if name == "fastcbd_cache":
+        cache = shared.get("cache") or build_cache(case, device, teachers, views, resident)
+        shared["cache"] = cache
+        return Variant(name, cache.batch, lambda x, rows: cache.teacher_features(rows), student, cbd_loss_fused,
+                       opt, sched, amp, device)
+    data_fn = (lambda: resident.batch(True) + (None,)) if resident is not None else device_loader_batches(case, device)
+    run = ensemble(teachers, "on" if name == "fastcbd_vmap" else "off")
+    return Variant(name, data_fn, lambda x, rows: run(x), student, cbd_loss_fused, opt, sched, amp, device,
+                   compile_backend if name == "fastcbd_compile" else "")
 
-    resident = ResidentData(case, device) if case.get("resident") else None
-    step = fastcbd_step_fn(case, device, amp, False, resident=resident)
-    for _ in range(2):
-        step()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with prof(activities=acts) as p:
-        for _ in range(steps):
-            step()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(p.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))
+
+def build_cache(case, device, teachers, views, resident=None, amp="bf16"):
+    """The case's TeacherCache over its images (resident: ResidentData's; else the loader's, stored at
+    the crop size as DeviceLoader holds them)."""
+    if resident is not None:
+        images, labels = resident.x, resident.y
+    else:
+        x, y = _stored_at_crop_size(case)
+        images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+        labels = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    return TeacherCache(images, labels, teachers, views, case["batch"], device, amp, resident is not None)
 
 
-def time_variants(steps: dict, device, warmup: int, repeats: int, memory: bool, interleave: bool) -> dict:
-    """{variant: measure()-style dict}. interleave: after each variant's warm-up, `repeats` rounds of one
+def cache_check(case, device, views=2, amp="bf16", shared=None) -> dict:
+    """One batch of the cache variant against the live teachers on the same pixels: the cached features
+    against the teachers run now on the stored views (both under `amp`), and cbd_loss of one student's
+    features with each. Returns feat_max_rel_err (max |cached - live| / max |live| per teacher, worst),
+    loss_live, loss_cache, loss_rel_err."""
+    shared = {} if shared is None else shared
+    teachers, student = models(case, device, True, shared)
+    cache = shared.get("cache") or build_cache(case, device, teachers, views, None, amp)
+    x, y, rows = cache.batch()
+    with torch.inference_mode(), autocast_context(device, amp):
+        live = [t.features(x).float() for t in teachers]
+        cached = [f.float() for f in cache.teacher_features(rows)]
+        p = student.features(x)
+        loss_live = float(cbd_loss_fused(p, student.classifier.weight, y, live))
+        loss_cache = float(cbd_loss_fused(p, student.classifier.weight, y, cached))
+    err = max(float((c - lv).abs().max() / lv.abs().max().clamp_min(1e-30)) for c, lv in zip(cached, live))
+    return {"feat_max_rel_err": err, "loss_live": loss_live, "loss_cache": loss_cache,
+            "loss_rel_err": abs(loss_cache - loss_live) / max(abs(loss_live), 1e-30)}
+
+
+def time_variants(variants: dict, device, warmup: int, repeats: int, memory: bool, interleave: bool) -> dict:
+    """{name: measure()-style dict}. interleave: after each variant's warm-up, `repeats` rounds of one
     step per variant, the order rotating, so that anything else on the machine hits all variants alike
     (each step timed between device synchronisations, the garbage collector off during the rounds)."""
-    if not interleave or not steps:
-        return {name: measure(fn, warmup=warmup, repeats=repeats, device=device, memory=memory)
-                for name, fn in steps.items()}
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    names = list(steps)
+    if not interleave:
+        return {name: measure(v.step, warmup=warmup, repeats=repeats, device=device, memory=memory)
+                for name, v in variants.items()}
+    names = list(variants)
     for name in names:
         for _ in range(warmup):
-            steps[name]()
-    sync()
-    times = {name: [] for name in names}
+            variants[name].step()
+    times = _rounds({n: v.step for n, v in variants.items()}, device, repeats, lambda fn: _timed(fn, device))
+    out = {}
+    for name in names:
+        mem = measure(variants[name].step, warmup=0, repeats=1, device=device) if memory else \
+            {"peak_mem_mb": math.nan, "mem_method": "none"}
+        out[name] = {**summarize(times[name]), "peak_mem_mb": mem["peak_mem_mb"], "mem_method": mem["mem_method"]}
+    return out
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _rounds(fns: dict, device, repeats: int, call) -> dict:
+    """`repeats` rounds of call(fn) for each fn, the order rotating by one each round; GC off."""
+    names = list(fns)
+    out = {name: [] for name in names}
+    _sync(device)
     gc.collect()
     gc.disable()
     try:
         for r in range(repeats):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                steps[name]()
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                out[name].append(call(fns[name]))
     finally:
         gc.enable()
+    return out
+
+
+def profile_variants(variants: dict, device, rounds: int) -> dict:
+    """{name: {component_ms: median over `rounds` interleaved profiled steps, sum_ms}} (see the docstring)."""
+    laps = _rounds({n: v.profiled_step for n, v in variants.items()}, device, rounds, lambda fn: fn())
     out = {}
-    for name in names:
-        mem = measure(steps[name], warmup=0, repeats=1, device=device) if memory else \
-            {"peak_mem_mb": math.nan, "mem_method": "none"}
-        out[name] = {**summarize(times[name]), "peak_mem_mb": mem["peak_mem_mb"], "mem_method": mem["mem_method"]}
+    for name, rs in laps.items():
+        med = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+        out[name] = {**med, "sum_ms": sum(med.values())}
     return out
 
 
@@ -367,13 +551,12 @@ def compile_worker(args, case, device, warmup, repeats, out_path):
     """In the subprocess: build the compiled step, time its first call (compile + one step) as compile_s,
     then the usual warm-up and timed steps; the result goes to out_path as JSON."""
     resident = ResidentData(case, device) if case.get("resident") else None
-    step = build_step(case, "fastcbd_compile", device, args.workers, resident, args.compile_backend)
+    v = build_variant(case, "fastcbd_compile", device, args.workers, resident, compile_backend=args.compile_backend)
     t0 = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    v.step()
+    _sync(device)
     compile_s = time.perf_counter() - t0
-    res = measure(step, warmup=max(warmup - 1, 0), repeats=repeats, device=device, memory=not args.quick)
+    res = measure(v.step, warmup=max(warmup - 1, 0), repeats=repeats, device=device, memory=not args.quick)
     Path(out_path).write_text(json.dumps({**res, "compile_s": compile_s}))
 
 
@@ -425,18 +608,26 @@ def run_compile_subprocess(argv, name, budget_s, log) -> tuple[dict | None, str]
         return json.loads(out.read_text()), ""
 
 
-def report(name, case_rows, new_rows, csv_path):
-    """Add the ratios to new_rows (against the plain baselines among case_rows), print them and append
-    them to the CSV."""
+def add_ratios(case_rows, new_rows):
+    """The ratio columns of new_rows, against the baselines among case_rows (median over median)."""
     by = {r["variant"]: r for r in case_rows if r["status"] == "ok"}
     for r in new_rows:
-        for col, base in (("x_plain", "plain_fp32"), ("x_plain_bf16", "plain_bf16")):
+        same = "plain_fp32" if PRECISION.get(r["variant"]) == "fp32" else "plain_bf16"
+        for col, base in (("x_plain", "plain_fp32"), ("x_plain_bf16", "plain_bf16"), ("x_equal_precision", same),
+                          ("x_fastcbd_bf16", "fastcbd_bf16")):
             ok = r["status"] == "ok" and base in by
             r[col] = round(by[base]["median_ms"] / r["median_ms"], 3) if ok else math.nan
+
+
+def report(name, case_rows, new_rows, csv_path):
+    """Add the ratios to new_rows, print them and append them to the CSV."""
+    add_ratios(case_rows, new_rows)
+    for r in new_rows:
         if r["status"] == "ok":
-            print(f"{name:9s} {r['variant']:16s} {r['img_per_s']:9.1f} img/s  MFU {100 * r['mfu']:5.1f} %  "
-                  f"(median {r['median_ms']:.0f} ms)" + (f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else ""),
-                  flush=True)
+            print(f"{name:9s} {r['variant']:16s} {r['img_per_s']:9.1f} img/s  x plain fp32 {r['x_plain']:5.2f}  "
+                  f"x same precision {r['x_equal_precision']:5.2f}  (median {r['median_ms']:.0f} ms)"
+                  + (f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else "")
+                  + (f"  cache build {r['cache_build_s']:.1f} s" if "cache_build_s" in r else ""), flush=True)
         else:
             print(f"{name:9s} {r['variant']:16s} skipped: {r['reason']}", flush=True)
     if csv_path:
@@ -447,6 +638,7 @@ def make_row(name, vname, case, device, res, flops, peak, quick):
     img_s = case["batch"] / res["median_ms"] * 1e3 if res else math.nan
     row = {"case": name, "variant": vname, "shape": case["shape"], "device": device.type,
            "dry": int(case is DRY.get(name)), "batch": case["batch"], "teachers": case["k"], "crop": case["crop"],
+           "precision": PRECISION[vname],
            "data": "uint8 resident on device, random gather (no decode)" if case.get("resident") else "loaders",
            "status": "ok" if res else "skipped", "reason": "", "img_per_s": round(img_s, 2),
            "step_gflop_per_img": round(flops["step_gflop_per_img"], 4), "matmul_bf16_tflops": round(peak, 3),
@@ -461,15 +653,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", choices=list(CASES))
-    ap.add_argument("--variants", default="", help="comma-separated subset of the case's variants (and fastcbd_compile)")
+    ap.add_argument("--variants", default="", help="comma-separated subset of " + ",".join(VARIANTS) + ",fastcbd_compile")
     ap.add_argument("--quick", action="store_true",
-                    help="1 warm-up, 3 timed steps, no memory; resnet50 on the CPU: the dry shape")
-    ap.add_argument("--repeats", type=int, default=0, help="timed steps (default 8)")
+                    help="1 warm-up, 3 timed rounds, 1 profile round, no memory; on the CPU every case at its dry shape")
+    ap.add_argument("--repeats", type=int, default=0, help="timed rounds (default 8)")
     ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (default 2: cuDNN autotuning falls in the first)")
-    ap.add_argument("--sequential", action="store_true", help="resnet50: time variants back to back, not interleaved")
+    ap.add_argument("--sequential", action="store_true", help="time variants back to back, not interleaved")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (default 2; 1 with --quick on the CPU, robust on a loaded machine)")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain variants (resnet18, cnn)")
+                    help="torch intra-op threads, every variant (default 2; 1 with --quick on the CPU)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="DataLoader workers of the plain variants (default 0; > 0 implies --sequential)")
+    ap.add_argument("--views", type=int, default=4, help="stored views per image of fastcbd_cache (default 4)")
+    ap.add_argument("--profile-rounds", type=int, default=-1,
+                    help="interleaved rounds of the per-component profile (default 3, --quick 1; 0 = none)")
     ap.add_argument("--compile", action="store_true", help="also fastcbd_compile, in a subprocess within --compile-budget")
     ap.add_argument("--compile-budget", type=float, default=90.0,
                     help="seconds for the compile subprocess (startup, compile, warm-up, timed steps); past it: skipped")
@@ -477,8 +673,8 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds for the whole script (0 = none): the compile budget shrinks to what is left - 5 s")
     ap.add_argument("--no-plain-bf16", action="store_true")
-    ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "train.csv"))
-    ap.add_argument("--profile", action="store_true", help="print where a fastcbd step's time goes, then stop")
+    ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "train.csv"),
+                    help="step rows ('' = do not write); the profile rows go to train_profile.csv beside it")
     ap.add_argument("--compile-worker", default="", help=argparse.SUPPRESS)  # internal: the compile subprocess
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -489,37 +685,66 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     warmup = 1 if args.quick else (args.warmup or 2)
     repeats = 3 if args.quick else (args.repeats or 8)
+    prof_rounds = args.profile_rounds if args.profile_rounds >= 0 else (1 if args.quick else 3)
+    interleave = not args.sequential and args.workers == 0
 
     def case_of(name):
         return DRY[name] if args.quick and not cuda and name in DRY else CASES[name]
 
-    if args.profile:
-        return profile(case_of(args.only or "resnet18"), device, "bf16")
     if args.compile_worker:
         _die_with_parent()
         return compile_worker(args, case_of(args.only), device, warmup, repeats, args.compile_worker)
 
     wanted = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in wanted if v not in VARIANTS + ("fastcbd_compile",)]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; expected a subset of {', '.join(VARIANTS)}, fastcbd_compile")
     peak = matmul_tflops(device)
-    print(f"bf16 matmul on {device.type}: {peak:.1f} TFLOP/s (measured now; the MFU denominator)", flush=True)
-    rows = []
+    print(f"bf16 matmul on {device.type}: {peak:.1f} TFLOP/s (measured now; the MFU denominator); load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    rows, prof_rows = [], []
+    prof_csv = str(Path(args.csv).with_name("train_profile.csv")) if args.csv else ""
     for name in [args.only] if args.only else DEFAULT_CASES.get(device.type, DEFAULT_CASES["cpu"]):
         case = case_of(name)
         flops = model_flops(case)
         print(f"{name}: {case['shape']}; model FLOPs per image {flops['step_gflop_per_img']:.3g} G "
               f"(student forward {flops['student_gflop']:.3g} G, teacher forward {flops['teacher_gflop']:.3g} G)", flush=True)
-        variants = [v for v in case["variants"] if not (args.no_plain_bf16 and v == "plain_bf16")]
-        variants = [v for v in variants if not wanted or v in wanted]
+        names = [v for v in VARIANTS if not (args.no_plain_bf16 and v == "plain_bf16")]
+        names = [v for v in names if not wanted or v in wanted]
         resident = ResidentData(case, device) if case.get("resident") else None
-        shared = {}  # the case's teachers, built once per memory format
-        steps = {v: build_step(case, v, device, args.workers, resident, shared=shared) for v in variants}
-        results = time_variants(steps, device, warmup, repeats, memory=not args.quick,
-                                interleave=bool(case.get("resident")) and not args.sequential)
-        del steps, shared
-        interleaved = int(bool(case.get("resident")) and not args.sequential)
-        case_rows = [{**make_row(name, v, case, device, results[v], flops, peak, args.quick), "interleaved": interleaved}
-                     for v in variants]
+        shared = {}  # the case's teachers (per memory format) and its teacher cache, built once
+        variants = {v: build_variant(case, v, device, args.workers, resident, shared, args.views) for v in names}
+        extra = {}
+        if "fastcbd_cache" in variants:
+            chk = cache_check(case, device, shared=shared)
+            cache = shared["cache"]
+            extra = {"cache_views": cache.views, "cache_build_s": round(cache.build_s, 3),
+                     "cache_mb": round(cache.feats.numel() * 2 / 2**20, 3),
+                     "cache_feat_err": chk["feat_max_rel_err"], "cache_loss_err": chk["loss_rel_err"]}
+            print(f"{name}: teacher cache of {cache.views} views x {len(cache.images)} images built in "
+                  f"{cache.build_s:.2f} s ({extra['cache_mb']:.1f} MiB fp16); one batch against the live teachers: "
+                  f"features max rel. err {chk['feat_max_rel_err']:.2e}, loss {chk['loss_cache']:.5f} vs "
+                  f"{chk['loss_live']:.5f}", flush=True)
+        results = time_variants(variants, device, warmup, repeats, memory=not args.quick, interleave=interleave)
+        case_rows = [{**make_row(name, v, case, device, results[v], flops, peak, args.quick),
+                      "interleaved": int(interleave), "workers": args.workers if v.startswith("plain") else 0,
+                      **(extra if v == "fastcbd_cache" else {})} for v in names]
+        add_ratios(case_rows, case_rows)
+        for r in case_rows:
+            if r["variant"] == "fastcbd_cache" and r["status"] == "ok" and "fastcbd_bf16" in results:
+                saved_ms = results["fastcbd_bf16"]["median_ms"] - r["median_ms"]
+                r["break_even_steps"] = round(r["cache_build_s"] * 1e3 / saved_ms, 1) if saved_ms > 0 else math.inf
         report(name, case_rows, case_rows, args.csv)  # before the compile: a run killed during it keeps these
+        if prof_rounds:
+            prof = profile_variants(variants, device, prof_rounds)
+            new = [{"case": name, "variant": v, "shape": case["shape"], "device": device.type,
+                    "dry": int(case is DRY.get(name)), "batch": case["batch"], "rounds": prof_rounds,
+                    **{k: round(x, 3) for k, x in prof[v].items()}, "step_ms": round(results[v]["median_ms"], 3),
+                    "quick": int(args.quick)} for v in names]
+            prof_rows += new
+            if prof_csv:
+                append_rows(prof_csv, new)
+        del variants, shared
         if args.compile and (not wanted or "fastcbd_compile" in wanted):
             if cuda:
                 torch.cuda.empty_cache()
@@ -528,16 +753,21 @@ def main(argv=None):
                 budget = min(budget, args.time_budget - (time.perf_counter() - t_start) - 5)
             res, reason = run_compile_subprocess([a for a in argv if a != "--compile"], name, budget, print)
             row = make_row(name, "fastcbd_compile", case, device, res, flops, peak, args.quick)
-            row.update(interleaved=0, reason=reason, compile_backend=args.compile_backend)
+            row.update(interleaved=0, workers=0, reason=reason, compile_backend=args.compile_backend)
             case_rows.append(row)
             report(name, case_rows, [row], args.csv)
         rows += case_rows
-    print_table(rows, ["case", "variant", "batch", "img_per_s", "x_plain", "x_plain_bf16", "mfu", "median_ms", "p10_ms",
-                       "p90_ms", "peak_mem_mb", "status"])
+    print_table(rows, ["case", "variant", "precision", "img_per_s", "x_plain", "x_plain_bf16", "x_equal_precision",
+                       "x_fastcbd_bf16", "median_ms", "p10_ms", "p90_ms", "peak_mem_mb", "mfu", "status"])
+    if prof_rows:
+        print("\nPer-component profile, median ms of each part timed between synchronisations "
+              "(sum_ms is not the step: the split adds syncs and splits the backward):")
+        print_table(prof_rows, ["case", "variant", *[c + "_ms" for c in COMPONENTS], "sum_ms", "step_ms"])
     for name in dict.fromkeys(r["case"] for r in rows):
         r = next(r for r in rows if r["case"] == name)
         print(f"{name}: {r['shape']}; data: {r['data']}; MFU against {r['matmul_bf16_tflops']:.4g} TFLOP/s bf16 "
               f"(matmul measured in this run), {r['step_gflop_per_img']:.4g} GFLOP per image")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 
