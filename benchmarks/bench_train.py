@@ -29,14 +29,15 @@ Variants (each has its own student and optimizer; the variants of a case share i
                  batched on-device crops)
   fastcbd_bf16   the same under bf16 autocast: fastcbd's default step
   fastcbd_vmap   fastcbd_bf16 + the teachers stacked into one vmapped module (teacher.batched=on)
-  fastcbd_cache  fastcbd_bf16 + a teacher cache: the K teachers are not run in the step. Before timing, V
-                 views per image (--views) are drawn once with fastcbd.data.augment.draw_crop ((N, V, 5)
-                 float32 crop parameters), cut with apply_crop, and the teachers run once over them (bf16
-                 autocast, inference_mode, channels_last); their features are kept resident as fp16
-                 (N x V x sum D_k). Each step draws the images by the class-balanced sampler and a view per
-                 image, applies the stored crop parameters to the images and gathers the features. This is
-                 an emulation of what fastcbd/train/teacher_cache.py (issue #13 §1) does, written here
-                 because that module does not exist yet. Its one-time build is timed on its own
+  fastcbd_cache  fastcbd_bf16 + the teacher cache of issue #13 (fastcbd.cache): the K teachers are not run
+                 in the step. Before timing, V views per image (--views) are drawn once (draw_crop: (N x V,
+                 5) float32 crop parameters, on the CPU), the teachers run once over them (bf16 autocast,
+                 inference_mode, channels_last, on DeviceLoader.view's pixels) and their features are
+                 stored as fp16 (fastcbd.cache.store, a temporary folder; fastcbd.cache.build_cache's loop,
+                 written out here because it needs a pipeline context). Each step is a batch of
+                 fastcbd.cache.CachedLoader: the class-balanced sampler picks the images, the loader's
+                 generator a stored view of each, the stored parameters cut the images and the features
+                 are gathered (resident on the device). Its one-time build is timed on its own
                  (cache_build_s column; break_even_steps = build / (fastcbd_bf16 step - cache step)), and
                  one batch is checked against the live teachers on the same pixels (cache_loss_err).
   fastcbd_compile (--compile) fastcbd_bf16 + torch.compile of teachers + student forward + loss (backward
@@ -54,9 +55,10 @@ their timed step, as the DeviceLoader's batched crops do. DataLoader workers wou
 background while the other variants' steps are being timed (taking their cores and hiding their own
 cost); --workers N > 0 gives the plain variants N workers and then times the variants back to back
 (interleaved=0 in the rows), which is the only honest way to time a prefetching loader.
-Profile (--profile-rounds R, default 3; 0 = off): every variant but compile, R more interleaved rounds of a
-step split into components, each timed between synchronisations: data (next batch on the device),
-teachers (the K forwards, or the cache gather), student_fwd (student.features), loss (the loss forward
+Profile (--profile-rounds R, default 5; 0 = off): every variant but compile, R more interleaved rounds of a
+step split into components, each timed between synchronisations: data (next batch on the device; for
+fastcbd_cache with its gathered features, which CachedLoader yields with the images), teachers (the K
+forwards; ~0 for fastcbd_cache), student_fwd (student.features), loss (the loss forward
 + backward to the features and the classifier weight, torch.autograd.grad), student_bwd (the rest of the
 backward, features.backward(grad)), optimizer (step + scheduler). The split adds synchronisations and
 splits the backward in two, so the components add up to about, not exactly, the step (sum_ms beside
@@ -97,7 +99,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import append_rows, measure, print_table, summarize
-from fastcbd.data.augment import AugmentConfig, apply_crop, draw_crop
+from fastcbd.data.augment import AugmentConfig, draw_crop
 from fastcbd.data.device_loader import DeviceLoader
 from fastcbd.data.samplers import build_sampler
 from fastcbd.functional import cbd_loss
@@ -294,78 +296,76 @@ def _stored_at_crop_size(case):
     return x, y
 
 
+def case_loader(case, device, resident=None):
+    """fastcbd's DeviceLoader over the case's images (batched on-device crops, class-balanced sampler,
+    channels_last): the loader cases' images stored at the crop size (its crops keep the stored size);
+    resident: ResidentData's images and labels (normalised by DeviceLoader: mean 0.5, std 0.25 of [0, 1])."""
+    if resident is not None:
+        x, y = resident.x.permute(0, 2, 3, 1).cpu().numpy(), resident.y.cpu().numpy()
+    else:
+        x, y = _stored_at_crop_size(case)
+    smp = build_sampler("balanced", y, seed=0, allow_empty=True)  # resident: random labels, some classes empty
+    return DeviceLoader(x, y, case["batch"], sampler=smp, aug=CROP, mean=[0.5] * case["c"], std=[0.25] * case["c"],
+                        device=device, drop_last=True, channels_last=True)
+
+
 def device_loader_batches(case, device):
     """fastcbd's input (resnet18/cnn): DeviceLoader with batched on-device random-resized crops, forever."""
-    x, y = _stored_at_crop_size(case)
-    smp = build_sampler("balanced", y, seed=0)
-    loader = DeviceLoader(x, y, case["batch"], sampler=smp, aug=CROP, mean=[0.5] * case["c"], std=[0.25] * case["c"],
-                          device=device, drop_last=True, channels_last=True)
-
-    it = _forever(loader, smp)
+    loader = case_loader(case, device)
+    it = _forever(loader, loader.sampler)
     return lambda: next(it) + (None,)
 
 
-class TeacherCache:
-    """The teacher-feature cache, emulated (what fastcbd/train/teacher_cache.py of issue #13 §1 does): V
-    stored views per image, each described by its crop parameters (N, V, 5) float32 (draw_crop), and the
-    K teachers' features on them, (N * V, sum D_k) fp16, resident on the device.
+class BuiltCache:
+    """A teacher cache built with fastcbd.cache in a temporary folder, and the student's CachedLoader over it.
 
-    images: uint8 (N, C, H, W) on the device; labels (N,) int64. The build runs the teachers once over
-    all N x V views in batches (inference_mode, `amp` autocast, channels_last); build_s is its wall time.
-    batch() -> (x (B, C, H, W) float32 normalised, channels_last; y (B,); rows (B,) int64 into feats):
-    the class-balanced sampler picks the images, the cache's generator a view of each, and the stored
-    parameters cut the images (apply_crop): the same pixels the teachers saw at build time."""
+    The store is fastcbd.cache.store's (crop parameters (R, 5) float32 drawn once on the CPU, features
+    (R, sum D_k) fp16 memory-mapped, R = N x views) and the loader fastcbd.cache.CachedLoader (the features
+    copied to the device once, a view per image from the loader's generator, the images cut by
+    DeviceLoader.view with the stored parameters). fastcbd.cache.build_cache needs a pipeline context (a
+    config and dataset splits), so its loop is written out here: the same steps (batches of rows, the
+    teachers under inference_mode and `amp` autocast on loader.view(...), fp16 rows into the store).
+    build_s: the build's wall time (parameters, teachers over every view, writing the store, loading it)."""
 
-    def __init__(self, images, labels, teachers, views, batch, device, amp="bf16", resident=False, seed=0):
-        self.device, self.views, self.batch_size, self.resident = device, int(views), int(batch), resident
-        self.images, self.labels = images, labels
-        self.dims = [t.out_features for t in teachers]
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed)
-        n = len(images)
-        self.sampler = None if resident else build_sampler("balanced", labels.cpu().numpy(), seed=0)
-        self._order = self._indices()
+    def __init__(self, case, device, teachers, views, resident=None, amp="bf16"):
+        from fastcbd.cache import CachedLoader, TeacherCache, store
+
+        base = case_loader(case, device, resident)
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench_train_cache_")
+        folder, n, self.views = self.tmp.name, len(base.labels), int(views)
         _sync(device)
         t0 = time.perf_counter()
-        self.params = draw_crop(n * self.views, CROP, self.gen, device).view(n, self.views, 5)
-        self.feats = torch.empty(n * self.views, sum(self.dims), dtype=torch.float16, device=device)
-        rows = torch.arange(n * self.views, device=device)
+        weights = [store.weights_hash(t) for t in teachers]
+        dims = [int(t.out_features) for t in teachers]
+        offsets = np.arange(n + 1, dtype=np.int64) * self.views
+        params = draw_crop(n * self.views, CROP, torch.Generator().manual_seed(0), "cpu").numpy()
+        key = store.make_key(teachers=weights, dataset=f"bench_train synthetic {case['shape']}",
+                             image_shape=tuple(base.images.shape[1:]), aug=CROP, amp=amp, views=self.views,
+                             allot="uniform")
+        store.create(folder, key, [{"path": "", "sha256": "", "weights": w, "dim": d} for w, d in zip(weights, dims)],
+                     offsets, params, seed=0)
+        cache = TeacherCache(folder, mode="r+")
+        rows = torch.arange(n * self.views)
         with torch.inference_mode(), autocast_context(device, amp):
-            for chunk in rows.split(self.batch_size):
-                x = self.views_of(chunk // self.views, chunk % self.views)
-                self.feats[chunk] = torch.cat([t.features(x) for t in teachers], 1).to(torch.float16)
+            for chunk in rows.split(max(case["batch"], 256)):
+                x = base.view((chunk // self.views).to(device), torch.from_numpy(params[chunk.numpy()]).to(device))
+                f = torch.cat([t.features(x).float() for t in teachers], 1)
+                cache.features[int(chunk[0]) : int(chunk[-1]) + 1] = f.to(torch.float16).cpu().numpy()
+        cache.features.flush()
+        cache.done[:] = 1
+        cache.done.flush()
+        store.write_json(f"{folder}/cache.json", dict(cache.meta, complete=True))
+        self.loader = CachedLoader.over(base, TeacherCache(folder), weights)
         _sync(device)
         self.build_s = time.perf_counter() - t0
-
-    def _normalise(self, x):
-        if self.resident:  # as ResidentData
-            return x.float().sub_(127.5).div_(64.0)
-        return x.float().div_(255).sub_(0.5).div_(0.25)  # as DeviceLoader with mean 0.5, std 0.25 ([0, 1] scale)
-
-    def views_of(self, idx, view):
-        """The stored views (image idx, view index) as a normalised channels_last batch."""
-        x = self._normalise(self.images.index_select(0, idx))
-        x = apply_crop(x, self.params[idx, view], CROP)
-        return _channels_last(x, True)
-
-    def _indices(self):
-        if self.resident:  # random gathers, as ResidentData
-            while True:
-                yield torch.randint(len(self.images), (self.batch_size,), device=self.device, generator=self.gen)
-        for epoch in itertools.count():
-            self.sampler.set_epoch(epoch)
-            order = self.sampler.indices()
-            for s in range(0, len(order) - self.batch_size + 1, self.batch_size):
-                yield torch.from_numpy(order[s : s + self.batch_size]).to(self.device)
+        self.mb = n * self.views * sum(dims) * 2 / 2**20
+        self.n = n
+        self._it = _forever(self.loader, self.loader.sampler)
 
     def batch(self):
-        idx = next(self._order)
-        view = torch.randint(self.views, (len(idx),), device=self.device, generator=self.gen)
-        return self.views_of(idx, view), self.labels.index_select(0, idx), idx * self.views + view
-
-    def teacher_features(self, rows):
-        """K (B, D_k) fp16 views of the gathered rows (the fused loss reads fp16 and accumulates in fp32)."""
-        return list(self.feats.index_select(0, rows).split(self.dims, 1))
+        """(x (B, C, H, W) float32 normalised channels_last, y (B,), K teacher features (B, D_k) float32)."""
+        (x, feats), y = next(self._it)
+        return x, y, feats
 
 
 class Variant:
@@ -450,47 +450,44 @@ def build_variant(case, name, device, workers=0, resident=None, shared=None, vie
         return Variant(name, data_fn, _plain_teachers(teachers), student, cbd_loss_plain, opt, None, amp, device)
     teachers, student = models(case, device, True, shared)
     opt, sched = make_optimizer(list(student.parameters()), OptimConfig(lr=0.1), case["batch"], 10**6)
-    if name == "fastcbd_cache":
-        cache = shared.get("cache") or build_cache(case, device, teachers, views, resident)
+    if name == "fastcbd_cache":  # the features come with the batch (CachedLoader): `rows` is that list
+        cache = shared.get("cache") or BuiltCache(case, device, teachers, views, resident)
         shared["cache"] = cache
-        return Variant(name, cache.batch, lambda x, rows: cache.teacher_features(rows), student, cbd_loss_fused,
-                       opt, sched, amp, device)
+        return Variant(name, cache.batch, lambda x, feats: feats, student, cbd_loss_fused, opt, sched, amp, device)
     data_fn = (lambda: resident.batch(True) + (None,)) if resident is not None else device_loader_batches(case, device)
     run = ensemble(teachers, "on" if name == "fastcbd_vmap" else "off")
     return Variant(name, data_fn, lambda x, rows: run(x), student, cbd_loss_fused, opt, sched, amp, device,
                    compile_backend if name == "fastcbd_compile" else "")
 
 
-def build_cache(case, device, teachers, views, resident=None, amp="bf16"):
-    """The case's TeacherCache over its images (resident: ResidentData's; else the loader's, stored at
-    the crop size as DeviceLoader holds them)."""
-    if resident is not None:
-        images, labels = resident.x, resident.y
-    else:
-        x, y = _stored_at_crop_size(case)
-        images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
-        labels = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
-    return TeacherCache(images, labels, teachers, views, case["batch"], device, amp, resident is not None)
-
-
 def cache_check(case, device, views=2, amp="bf16", shared=None) -> dict:
-    """One batch of the cache variant against the live teachers on the same pixels: the cached features
-    against the teachers run now on the stored views (both under `amp`), and cbd_loss of one student's
-    features with each. Returns feat_max_rel_err (max |cached - live| / max |live| per teacher, worst),
-    loss_live, loss_cache, loss_rel_err."""
+    """One batch of the cache variant against the live teachers on the same pixels: the first batch of the
+    sampler's order, a stored view of each image (CachedLoader.rows), the images cut with its parameters;
+    the cached features against the teachers run now on those pixels (both under `amp`), and cbd_loss of
+    one student's features with each. Returns feat_max_rel_err (max |cached - live| / max |live|, worst
+    teacher), loss_live, loss_cache, loss_rel_err; and wrong_view_err, the same error for another stored
+    view of each image (what a mis-indexed cache would give)."""
     shared = {} if shared is None else shared
     teachers, student = models(case, device, True, shared)
-    cache = shared.get("cache") or build_cache(case, device, teachers, views, None, amp)
-    x, y, rows = cache.batch()
+    cache = shared.get("cache") or BuiltCache(case, device, teachers, views, None, amp)
+    ld = cache.loader
+    idx = torch.from_numpy(ld.sampler.indices()[: case["batch"]]).to(device)
+    rows = ld.rows(idx)
+    wrong = ld.offsets[idx] + (rows - ld.offsets[idx] + 1) % cache.views
+    x = ld.view(idx, ld.params.index_select(0, rows))
+    y = ld.labels.index_select(0, idx)
     with torch.inference_mode(), autocast_context(device, amp):
         live = [t.features(x).float() for t in teachers]
-        cached = [f.float() for f in cache.teacher_features(rows)]
+        cached, other = ld.features(rows), ld.features(wrong)
         p = student.features(x)
         loss_live = float(cbd_loss_fused(p, student.classifier.weight, y, live))
         loss_cache = float(cbd_loss_fused(p, student.classifier.weight, y, cached))
-    err = max(float((c - lv).abs().max() / lv.abs().max().clamp_min(1e-30)) for c, lv in zip(cached, live))
-    return {"feat_max_rel_err": err, "loss_live": loss_live, "loss_cache": loss_cache,
-            "loss_rel_err": abs(loss_cache - loss_live) / max(abs(loss_live), 1e-30)}
+
+    def err(fs):
+        return max(float((f - lv).abs().max() / lv.abs().max().clamp_min(1e-30)) for f, lv in zip(fs, live))
+
+    return {"feat_max_rel_err": err(cached), "wrong_view_err": err(other), "loss_live": loss_live,
+            "loss_cache": loss_cache, "loss_rel_err": abs(loss_cache - loss_live) / max(abs(loss_live), 1e-30)}
 
 
 def time_variants(variants: dict, device, warmup: int, repeats: int, memory: bool, interleave: bool) -> dict:
@@ -665,7 +662,7 @@ def main(argv=None):
                     help="DataLoader workers of the plain variants (default 0; > 0 implies --sequential)")
     ap.add_argument("--views", type=int, default=4, help="stored views per image of fastcbd_cache (default 4)")
     ap.add_argument("--profile-rounds", type=int, default=-1,
-                    help="interleaved rounds of the per-component profile (default 3, --quick 1; 0 = none)")
+                    help="interleaved rounds of the per-component profile (default 5, --quick 1; 0 = none)")
     ap.add_argument("--compile", action="store_true", help="also fastcbd_compile, in a subprocess within --compile-budget")
     ap.add_argument("--compile-budget", type=float, default=90.0,
                     help="seconds for the compile subprocess (startup, compile, warm-up, timed steps); past it: skipped")
@@ -685,7 +682,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     warmup = 1 if args.quick else (args.warmup or 2)
     repeats = 3 if args.quick else (args.repeats or 8)
-    prof_rounds = args.profile_rounds if args.profile_rounds >= 0 else (1 if args.quick else 3)
+    prof_rounds = args.profile_rounds if args.profile_rounds >= 0 else (1 if args.quick else 5)
     interleave = not args.sequential and args.workers == 0
 
     def case_of(name):
@@ -718,10 +715,9 @@ def main(argv=None):
         if "fastcbd_cache" in variants:
             chk = cache_check(case, device, shared=shared)
             cache = shared["cache"]
-            extra = {"cache_views": cache.views, "cache_build_s": round(cache.build_s, 3),
-                     "cache_mb": round(cache.feats.numel() * 2 / 2**20, 3),
+            extra = {"cache_views": cache.views, "cache_build_s": round(cache.build_s, 3), "cache_mb": round(cache.mb, 3),
                      "cache_feat_err": chk["feat_max_rel_err"], "cache_loss_err": chk["loss_rel_err"]}
-            print(f"{name}: teacher cache of {cache.views} views x {len(cache.images)} images built in "
+            print(f"{name}: teacher cache of {cache.views} views x {cache.n} images built in "
                   f"{cache.build_s:.2f} s ({extra['cache_mb']:.1f} MiB fp16); one batch against the live teachers: "
                   f"features max rel. err {chk['feat_max_rel_err']:.2e}, loss {chk['loss_cache']:.5f} vs "
                   f"{chk['loss_live']:.5f}", flush=True)
