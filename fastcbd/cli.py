@@ -326,6 +326,7 @@ def cmd_condense(args) -> None:
     cfg.matching = args.matching
     cfg.mtt.expert_sampling = args.expert_sampling
     cfg.relabel, cfg.relabel_tau, cfg.relabel_calibrate = args.relabel or "", args.relabel_tau, args.relabel_calibrate
+    cfg.full_baseline = not args.no_full_baseline
     if not args.relabel_tau > 0:
         from fastcbd.errors import ConfigError
 
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relabel-calibrate", action="store_true",
                    help="also evaluate with the soft labels calibrated for class frequency (ADSA-style)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-real and full-data baselines")
+    p.add_argument("--no-full-baseline", action="store_true", help="skip the full-data baseline (keep random real)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="torch device (default auto: cuda when there is a GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

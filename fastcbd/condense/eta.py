@@ -32,7 +32,7 @@ def plan(cfg, counts, budget, groups) -> dict[str, float]:
     steps = e.repeats * e.steps
     units: dict[str, float] = defaultdict(float)
     per_seed = 0.0
-    if cfg.baselines or cfg.grouping == "kmeans":
+    if (cfg.baselines and getattr(cfg, "full_baseline", True)) or cfg.grouping == "kmeans":
         per_seed += steps * min(e.batch, n_real)
     if cfg.baselines:
         per_seed += steps * min(e.batch, n_syn)

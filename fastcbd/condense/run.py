@@ -54,6 +54,7 @@ class CondenseConfig:
     seeds: int = 1
     soft_labels: bool = False
     baselines: bool = True
+    full_baseline: bool = True  # the whole long-tailed set as a baseline (with baselines)
     threads: int = 0
     device: str = "cpu"
     preset: str = "paper"  # the --preset applied (auto resolved: fastcbd.condense.presets.choose_preset)
@@ -235,7 +236,7 @@ class Runner:
         aug = DSA(cfg.dsa, seed)
         gen = torch.Generator().manual_seed(seed)
         full_net = None
-        if cfg.baselines or cfg.grouping == "kmeans":
+        if (cfg.baselines and cfg.full_baseline) or cfg.grouping == "kmeans":
             t0 = time.perf_counter()
             self.groups = None
             full_net = self.evaluate("full_lt", self.x_train, self.y_train, seed, aug, keep_first=True)
