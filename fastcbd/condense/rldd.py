@@ -5,9 +5,11 @@
    (a class-balanced loss), its batch-norm statistics then recalibrated to the class-balanced ones by a
    forward pass over the set (bnstats.py);
 2. initialisation, over `init_rounds` rounds: each round draws augmented crops (DSA crop + scale) of each
-   class's real images, keeps the `keep` most confident under the scorer (the relabel teacher, else the
-   observer) and adds, one at a time, the kept crop farthest (in the observer's normalised features) from
-   those already chosen, until the class has its share of the budget for that round;
+   class's real images (the images themselves are candidates too), keeps the `keep` most confident under
+   the scorer (the relabel teacher, else the observer) and adds, one at a time, the kept crop farthest (in
+   the observer's normalised features) from those already chosen, preferring crops of real images no pick
+   came from yet (coverage: a tail class of 4 images keeps all 4), until the class has its share of the
+   budget for that round;
 3. recovery: Adam on the pixels of L = CE(observer(A(S)), y) + bn_weight * sum_l (||mu_l(S) - mu_l*|| +
    ||var_l(S) - var_l*||), mu_l / var_l the class-balanced moments of layer l's input on the augmented
    synthetic batch and mu_l* / var_l* the observer's recalibrated statistics (the observer in eval mode).
@@ -83,18 +85,20 @@ def select_init(pool: RealPool, syn: SyntheticSet, scorer, embed, cfg: RLDDConfi
         real = pool.x[pool.by_label[c]]
         if len(slots) == 0 or len(real) == 0:
             continue
-        chosen, feats = [], []
+        chosen, feats, used = [], [], []
         for r in range(cfg.init_rounds):
             target = math.ceil(len(slots) * (r + 1) / cfg.init_rounds)
             need = target - len(chosen)
             if need <= 0:
                 continue
             m = cfg.init_candidates * need
-            cand = real[torch.randint(len(real), (m,), generator=gen)]
-            cand = crops(cand, crops.draw(m))
+            src = torch.randint(len(real), (m,), generator=gen)
+            # candidates: the real images themselves (an identity crop) and m augmented crops of them
+            src = torch.cat([torch.arange(len(real)), src])
+            cand = torch.cat([real, crops(real[src[len(real):]], crops.draw(m))])
             conf = scorer(cand)[:, c]
-            top = conf.argsort(descending=True)[:max(need, math.ceil(cfg.keep * m))]
-            cand, conf = cand[top], conf[top]
+            top = conf.argsort(descending=True)[:max(need, math.ceil(cfg.keep * len(cand)))]
+            cand, conf, src = cand[top], conf[top], src[top]
             f = F.normalize(embed(cand).flatten(1), dim=1)
             # distance of each candidate to the nearest chosen one (inf before the first pick)
             dist = torch.full((len(cand),), float("inf"))
@@ -102,10 +106,14 @@ def select_init(pool: RealPool, syn: SyntheticSet, scorer, embed, cfg: RLDDConfi
                 dist = torch.minimum(dist, (f - prev).norm(dim=1))
             free = torch.ones(len(cand), dtype=torch.bool)
             for _ in range(need):
-                score = torch.where(free, dist, torch.tensor(-1.0))
-                i = int(conf.mul(free).argmax()) if torch.isinf(score).all() else int(score.argmax())
+                # coverage first: crops of a real image no pick came from yet, when the kept ones have any
+                fresh = free & ~torch.isin(src, torch.tensor(used, dtype=torch.long))
+                pool_ = fresh if fresh.any() else free
+                score = torch.where(pool_, dist, torch.tensor(-1.0))
+                i = int(conf.mul(pool_).argmax()) if torch.isinf(score[pool_]).all() else int(score.argmax())
                 chosen.append(cand[i])
                 feats.append(f[i])
+                used.append(int(src[i]))
                 free[i] = False
                 dist = torch.minimum(dist, (f - f[i]).norm(dim=1))
         syn.images.data[slots] = torch.stack(chosen[:len(slots)]).to(syn.images.dtype)

@@ -84,6 +84,11 @@ def test_select_init_takes_confident_crops_of_the_class():
         assert (picked.mean(dim=(1, 2, 3)) - c).abs().max() < 0.5, (c, picked.mean(dim=(1, 2, 3)))
         flat = picked.flatten(1)
         assert torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e9).min() > 1e-4, "two identical picks"
+    # coverage: the tail class (2 real images, 2 slots) gets one pick from each of its images, here the
+    # images themselves or crops of them (nearest real image of each pick: both, once)
+    real = pool.x[pool.by_label[2]].flatten(1)
+    nearest = torch.cdist(syn.images[syn.labels == 2].detach().flatten(1), real).argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1], nearest
 
 
 class NoAug:
