@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("condense", help="long-tailed dataset distillation (DM / DSA / MTT / RLDD, +/- hierarchical)")
     p.add_argument("--method", nargs="+", default=["dm"], choices=["dm", "dsa", "mtt", "rldd"], help="one or more")
-    p.add_argument("--dataset", default="mnist-lt", choices=["mnist-lt", "cifar10-lt"])
-    p.add_argument("--data-root", help="cifar10-lt: the folder of the CIFAR-10 python batches")
+    p.add_argument("--dataset", default="mnist-lt", choices=["mnist-lt", "cifar10-lt", "cifar100-lt"])
+    p.add_argument("--data-root", help="cifar10-lt / cifar100-lt: the folder of the CIFAR python batches")
     p.add_argument("--rho", type=float, default=100.0, help="imbalance factor (default 100)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class (default 10)")
     p.add_argument("--hierarchical", action="store_true",

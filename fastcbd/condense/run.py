@@ -42,7 +42,7 @@ METHODS = ("dm", "dsa", "mtt", "rldd")
 @dataclass
 class CondenseConfig:
     methods: tuple = ("dm",)
-    dataset: str = "mnist-lt"  # mnist-lt | cifar10-lt
+    dataset: str = "mnist-lt"  # mnist-lt | cifar10-lt | cifar100-lt
     data_root: str | None = None
     rho: float = 100.0
     data_seed: int = 0
@@ -79,16 +79,17 @@ def load_splits(cfg: CondenseConfig):
         from fastcbd.data.arrays import mnist_lt
 
         return mnist_lt(cfg.rho, seed=cfg.data_seed)
-    if cfg.dataset == "cifar10-lt":
+    if cfg.dataset in ("cifar10-lt", "cifar100-lt"):
+        k = 10 if cfg.dataset == "cifar10-lt" else 100
         if not cfg.data_root:
-            raise ValueError("--dataset cifar10-lt needs --data-root (the folder of the CIFAR-10 python batches)")
+            raise ValueError(f"--dataset {cfg.dataset} needs --data-root (the folder of the CIFAR-{k} python batches)")
         from fastcbd.data.arrays import ArraySplits
         from fastcbd.data.cifar import cifar_lt
 
-        tr = cifar_lt(cfg.data_root, 10, cfg.rho, cfg.data_seed, train=True)
-        te = cifar_lt(cfg.data_root, 10, cfg.rho, cfg.data_seed, train=False)
-        return ArraySplits(tr.name, tr.images, tr.labels, te.images, te.labels, 10)
-    raise ValueError(f"--dataset {cfg.dataset!r}: expected mnist-lt or cifar10-lt")
+        tr = cifar_lt(cfg.data_root, k, cfg.rho, cfg.data_seed, train=True)
+        te = cifar_lt(cfg.data_root, k, cfg.rho, cfg.data_seed, train=False)
+        return ArraySplits(tr.name, tr.images, tr.labels, te.images, te.labels, k)
+    raise ValueError(f"--dataset {cfg.dataset!r}: expected mnist-lt, cifar10-lt or cifar100-lt")
 
 
 def matching_mode(matching: str, device: torch.device) -> str:

@@ -168,3 +168,37 @@ def test_relabel_auto_reuses_its_cached_teacher(tmp_path, monkeypatch):
     assert other != path and not reused and len(calls) == 2  # other settings: another teacher
     lab = load_labeler(path, 10, (1, 28, 28), [0.1], [0.3], 1.0)  # the cached file is a fastcbd model file
     assert lab.probs(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_condense_cifar100_lt_rldd_relabeled_by_a_model_file(tmp_path):
+    """CIFAR-100-LT (generated pickle batches), --method rldd, --relabel with a fastcbd model file: the
+    results carry hard-label and relabeled columns, the teacher's accuracy and each stage's time."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
+    from data_files import write_cifar
+
+    folder = write_cifar(str(tmp_path), num_classes=100, per_class_train=20, per_class_test=1)
+    teacher = _model_file(tmp_path / "t100.pt", num_classes=100, size=(32, 32), channels=3)
+    from fastcbd.condense.presets import apply_preset
+    from fastcbd.condense.run import CondenseConfig, run_condense
+
+    out = tmp_path / "out"
+    cfg = CondenseConfig(methods=("rldd",), dataset="cifar100-lt", data_root=folder, rho=10, ipc=2, relabel=teacher,
+                         relabel_tau=2.0, baselines=False, threads=1, preset="cpu")
+    apply_preset(cfg, "cpu")
+    for section in (cfg.rldd, cfg.eval):
+        section.width = 4
+    cfg.rldd.observer_steps, cfg.rldd.iterations, cfg.eval.repeats, cfg.eval.steps = 3, 2, 1, 2
+    run_condense(cfg, str(out), progress=False)
+    r = json.loads((out / "results.json").read_text())
+    m = r["methods"]["rldd"]
+    assert len(m["per_class"]) == 100 and sum(r["budget"]) == m["images"] == 200
+    assert set(m["relabel"]) >= {"all", "many", "medium", "few", "std"} and "calibrated" not in m
+    assert r["teacher"]["path"] == teacher and r["teacher"]["tau"] == 2.0 and r["teacher"]["reused"] is None
+    assert 0 <= r["teacher"]["accuracy"]["all"] <= 100
+    assert {"teacher", "rldd: observer", "rldd: init", "rldd: recovery", "rldd: distillation",
+            "rldd: evaluation (hard labels)", "rldd: evaluation@relabel"} <= set(r["stage_times_s"])
+    md = (out / "results.md").read_text()
+    assert "| teacher |" in md and "relabeled: all" in md and "Seconds per seed by stage" in md
