@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import append_rows  # noqa: E402
+from benchmarks.harness import append_rows
 
 KEYS = ("all", "many", "medium", "few")
 

@@ -332,7 +332,7 @@ def run_condense(cfg: CondenseConfig, out_dir: str, progress: bool = True) -> di
             runner.clock.report()
     methods = {}
     for name, runs in runner.runs.items():
-        base, _, kind = name.partition("@")
+        kind = name.partition("@")[2]
         if kind:
             continue
         methods[name] = {**summarize(runs), "images": runner.images[name], "time_s": runner.times[name] / cfg.seeds}

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastcbd.train.baselines as baselines
 from fastcbd.cli import main
 from fastcbd.condense.evaluate import EvalConfig, train_classifier
 from fastcbd.condense.relabel import LabelView, SoftLabeler, auto_teacher, load_labeler, relabel_loss
 from fastcbd.errors import BadInputError
 from fastcbd.models import Teacher
+from fastcbd.train import baselines
 from fastcbd.train.checkpoint import save_model
 
 

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from fastcbd.condense.bnstats import batch_stats, class_weights, recalibrate_bn
-from fastcbd.condense.dsa import DSA, DSAConfig
 from fastcbd.condense.pool import RealPool
 from fastcbd.condense.rldd import RLDDConfig, distill_rldd, select_init
 from fastcbd.condense.synthetic import SyntheticSet
@@ -73,8 +72,8 @@ def test_select_init_takes_confident_crops_of_the_class():
     syn = SyntheticSet.from_real(pool, 4, torch.Generator().manual_seed(0))
     assert syn.counts == [4, 4, 2]  # the tail rule: class 2 has 2 real images
     # a scorer confident only for bright images: the picks of each class are its brightest crops
-    scorer = lambda x: torch.stack([x.mean(dim=(1, 2, 3))] * 3, 1).softmax(0)  # noqa: E731
-    embed = lambda x: x.flatten(1)  # noqa: E731
+    scorer = lambda x: torch.stack([x.mean(dim=(1, 2, 3))] * 3, 1).softmax(0)
+    embed = lambda x: x.flatten(1)
     cfg = RLDDConfig(init_rounds=2, init_candidates=6, keep=0.5)
     select_init(pool, syn, scorer, embed, cfg, seed=0)
     for c in range(3):
