@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fastcbd.cache import store
+from fastcbd.data.arrays import ArraySplits
 from fastcbd.data.augment import draw_crop
 from fastcbd.data.device_loader import DeviceLoader
 from fastcbd.errors import ConfigError
@@ -34,16 +35,46 @@ def cache_key(ctx, weights: list[str], views: int, allot: str) -> dict:
                           amp=ctx.cfg.amp, views=views, allot=allot)
 
 
-def view_loader(ctx) -> DeviceLoader:
-    """The student's training loader (vanilla augmentation), whose view() cuts the stored crops."""
+def view_loader(ctx):
+    """The student's training loader (vanilla augmentation) that cuts the stored views: the DeviceLoader
+    (in-memory arrays) or the torch DataLoader over image files; the others are refused with the reason."""
+    from fastcbd.data.torch_loader import FileImages, TorchLoader
     from fastcbd.train.stages import augment_config
 
+    if ctx.cfg.data.skip_bad:
+        raise ConfigError("student.teacher_cache with data.skip_bad=true: a cached view belongs to its own image, "
+                          "so bad images cannot be stood in for; remove them (fastcbd data-stats --verify lists them)")
     loader = ctx._loader(True, 1, aug=augment_config(ctx.cfg, "vanilla"))
-    if not isinstance(loader, DeviceLoader):
-        raise ConfigError(f"student.teacher_cache: the cache works with in-memory data and the device loader; "
-                          f"{ctx.splits.name} gives data.loader={ctx.cfg.data.loader!r} -> {type(loader).__name__} "
-                          "(set data.loader=device for in-memory arrays, or student.teacher_cache=0 for image files)")
-    return loader
+    if isinstance(loader, DeviceLoader) or (isinstance(loader, TorchLoader) and isinstance(loader.dataset, FileImages)):
+        return loader
+    hint = ("data.loader=torch for image files" if not isinstance(ctx.splits, ArraySplits) else
+            "data.loader=device for in-memory arrays")
+    raise ConfigError(f"student.teacher_cache: the cache works with in-memory data (device loader) and image files "
+                      f"(torch loader); data.loader={ctx.cfg.data.loader!r} gives {type(loader).__name__} here: "
+                      f"set {hint}, or student.teacher_cache=0")
+
+
+def _views(ctx, loader, cache, batch_size: int):
+    """(chunk, rows (a range), views (B, C, H, W) normalised on the device, boxes drawn or None) for every
+    batch of this rank's unfinished chunks, in row order; a batch never straddles two chunks."""
+    image_of_row = np.repeat(np.arange(len(cache.offsets) - 1), np.diff(cache.offsets))
+    chunk, total = int(cache.meta["chunk_rows"]), int(cache.meta["rows"])
+    todo = [range(r0, min(r0 + batch_size, (c + 1) * chunk, total))
+            for c in range(D.rank(), len(cache.done), D.world_size()) if not cache.done[c]
+            for r0 in range(c * chunk, min((c + 1) * chunk, total), batch_size)]
+    if isinstance(loader, DeviceLoader):
+        for rows in todo:
+            idx = torch.from_numpy(image_of_row[rows.start : rows.stop]).to(ctx.device)
+            x = loader.view(idx, torch.from_numpy(np.array(cache.params[rows.start : rows.stop])).to(ctx.device))
+            yield rows.start // chunk, rows, x, None
+        return
+    from fastcbd.cache.files import StoredViews, view_batches
+
+    views = StoredViews(loader.dataset, None, int(cache.meta["seed"]))
+    batches = [[(int(image_of_row[r]), r) for r in rows] for rows in todo]
+    for rows, (x, _, got, boxes) in zip(todo, view_batches(loader, views, batches, int(cache.meta["seed"]))):
+        assert got[0] == rows.start and got[-1] == rows.stop - 1
+        yield rows.start // chunk, rows, x, boxes
 
 
 def _barrier() -> None:
@@ -62,7 +93,9 @@ def build_cache(ctx, teachers, teacher_ids: list[dict], views: int, folder: str,
     loader = view_loader(ctx)  # refuses data the cache cannot serve before anything is written
     teacher_ids = [{**t, "weights": store.weights_hash(m)} for t, m in zip(teacher_ids, teachers)]
     key = cache_key(ctx, [t["weights"] for t in teacher_ids], views, allot)
-    if os.path.exists(os.path.join(folder, "cache.json")):
+    exists = os.path.exists(os.path.join(folder, "cache.json"))
+    _barrier()  # every rank has looked before rank 0 may lay a new cache out: they all take the same branch
+    if exists:
         cache = store.TeacherCache(folder, mode="r+")
         diff = store.key_differences(cache.key, key, views_fixed=True) + (
             ["teachers: the cache holds others (or in another order)"] if cache.key["teachers"] != key["teachers"] else [])
@@ -83,10 +116,13 @@ def build_cache(ctx, teachers, teacher_ids: list[dict], views: int, folder: str,
                  views if allot == "uniform" else f"{rows / len(labels):.1f} (balanced)", sum(dims),
                  store.required_bytes(rows, sum(dims)) / 2**30)
         if D.is_main():
-            gen = torch.Generator().manual_seed(int(seed))
             from fastcbd.train.stages import augment_config
 
-            params = draw_crop(rows, augment_config(ctx.cfg, "vanilla"), gen, "cpu").numpy()
+            if isinstance(loader, DeviceLoader):  # image files: each worker draws its row's box as it decodes
+                params = draw_crop(rows, augment_config(ctx.cfg, "vanilla"), torch.Generator().manual_seed(int(seed)),
+                                   "cpu").numpy()
+            else:
+                params = np.zeros((rows, 5), np.float32)
             store.create(folder, key, [{**t, "dim": d} for t, d in zip(teacher_ids, dims)], offsets, params, seed,
                          chunk_rows)
         _barrier()
@@ -94,23 +130,20 @@ def build_cache(ctx, teachers, teacher_ids: list[dict], views: int, folder: str,
 
     t0 = time.perf_counter()
     run = ensemble(teachers, ctx.cfg.teacher.batched)
-    image_of_row = np.repeat(np.arange(len(cache.offsets) - 1), np.diff(cache.offsets))
-    chunk, delay = int(cache.meta["chunk_rows"]), float(os.environ.get("FASTCBD_STEP_DELAY", "0") or 0)
-    for c in range(D.rank(), len(cache.done), D.world_size()):
-        if cache.done[c]:
-            continue
-        for r0 in range(c * chunk, min((c + 1) * chunk, len(image_of_row)), batch_size):
-            r1 = min(r0 + batch_size, (c + 1) * chunk, len(image_of_row))
-            idx = torch.from_numpy(image_of_row[r0:r1]).to(ctx.device)
-            x = loader.view(idx, torch.from_numpy(np.array(cache.params[r0:r1])).to(ctx.device))
-            with autocast_context(ctx.device, ctx.cfg.amp):
-                feats = torch.cat([f.float() for f in run(x)], 1)
-            cache.features[r0:r1] = feats.to(torch.float16).cpu().numpy()
-        cache.features.flush()
-        cache.done[c] = 1
-        cache.done.flush()
-        if delay:
-            time.sleep(delay)
+    delay = float(os.environ.get("FASTCBD_STEP_DELAY", "0") or 0)
+    for c, rows, x, boxes in _views(ctx, loader, cache, batch_size):
+        with autocast_context(ctx.device, ctx.cfg.amp):
+            feats = torch.cat([f.float() for f in run(x)], 1)
+        cache.features[rows.start : rows.stop] = feats.to(torch.float16).cpu().numpy()
+        if boxes is not None:
+            cache.params[rows.start : rows.stop] = boxes.numpy().astype(np.float32)
+        if rows.stop == min((c + 1) * cache.meta["chunk_rows"], cache.meta["rows"]):  # the chunk's last batch
+            cache.features.flush()
+            cache.params.flush()
+            cache.done[c] = 1
+            cache.done.flush()
+            if delay:
+                time.sleep(delay)
     _barrier()
     if D.is_main():
         meta = dict(cache.meta, complete=True,

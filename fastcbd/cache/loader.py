@@ -17,6 +17,32 @@ from fastcbd.data.device_loader import DeviceLoader
 RESIDENT_BYTES = 4 << 30  # features up to this size are copied to the device once
 
 
+class FeatureRows:
+    """rows (int64 tensor) -> the K teachers' features of those cache rows: list of (B, D_k) float32 on `device`."""
+
+    def __init__(self, cache: TeacherCache, weights: list[str], device, resident_bytes: int = RESIDENT_BYTES):
+        self.spans, self.device = cache.columns(weights), torch.device(device)
+        self.cols = np.concatenate([np.arange(a, b) for a, b in self.spans])
+        self.memmap, self.resident = cache.features, None
+        if cache.features.shape[0] * len(self.cols) * 2 <= resident_bytes:
+            self.resident = torch.from_numpy(np.array(cache.features[:, self.cols])).to(self.device)
+
+    @property
+    def dims(self) -> list[int]:
+        return [b - a for a, b in self.spans]
+
+    def __call__(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        if self.resident is not None:
+            f = self.resident.index_select(0, rows.to(self.device))
+        else:
+            r = rows.cpu().numpy()
+            order = np.argsort(r)  # read the file in row order, then put the rows back in the batch's order
+            host = np.empty((len(r), len(self.cols)), np.float16)
+            host[order] = self.memmap[r[order]][:, self.cols]
+            f = torch.from_numpy(host).to(self.device, non_blocking=True)
+        return list(f.float().split(self.dims, 1))
+
+
 class CachedLoader(DeviceLoader):
     """A DeviceLoader (same sampler, generator, images, normalisation) whose batches carry cached features."""
 
@@ -27,22 +53,14 @@ class CachedLoader(DeviceLoader):
         self.__dict__.update(base.__dict__)
         if len(cache.offsets) - 1 != len(self.labels):
             raise ValueError(f"teacher cache {cache.folder}: {len(cache.offsets) - 1} images, the loader has {len(self.labels)}")
-        self.spans = cache.columns(weights)
+        self.features = FeatureRows(cache, weights, self.device, resident_bytes)
         self.offsets = torch.from_numpy(np.asarray(cache.offsets)).to(self.device)
         self.params = torch.from_numpy(np.array(cache.params)).to(self.device)
-        cols = np.concatenate([np.arange(a, b) for a, b in self.spans])
-        contiguous = bool(np.all(np.diff(cols) == 1))
-        self.memmap, self.cols = cache.features, cols
-        size = cache.features.shape[0] * len(cols) * 2
-        self.resident = None
-        if size <= resident_bytes:
-            f = cache.features[:, cols[0] : cols[-1] + 1] if contiguous else cache.features[:, cols]
-            self.resident = torch.from_numpy(np.array(f)).to(self.device)  # a writable copy in memory
         return self
 
     @property
     def dims(self) -> list[int]:
-        return [b - a for a, b in self.spans]
+        return self.features.dims
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """One stored view of each image idx, uniformly among its views, from the loader's generator."""
@@ -50,18 +68,6 @@ class CachedLoader(DeviceLoader):
         count = self.offsets.index_select(0, idx + 1) - start
         u = torch.rand(len(idx), generator=self.gen, device=self.device)
         return start + torch.minimum((u * count).long(), count - 1)
-
-    def features(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        if self.resident is not None:
-            f = self.resident.index_select(0, rows)
-        else:
-            r = rows.cpu().numpy()
-            order = np.argsort(r)  # read the file in row order, then put the rows back in the batch's order
-            f = np.empty((len(r), len(self.cols)), np.float16)
-            f[order] = self.memmap[r[order]][:, self.cols]
-            f = torch.from_numpy(f)
-            f = f.to(self.device, non_blocking=True)
-        return list(f.float().split(self.dims, 1))
 
     def __iter__(self):
         order = self._order()

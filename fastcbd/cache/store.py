@@ -4,8 +4,10 @@ A cache is a folder:
   cache.json    format, key (what the features depend on), teachers (path, sha256 of the file, weights
                 hash, dim), rows, seed, whether it is complete, and the seconds it took to build
   offsets.npy   (N + 1,) int64: image i's views are rows offsets[i] .. offsets[i + 1] - 1
-  params.npy    (R, 5) float32: each row's crop parameters (fastcbd.data.augment.draw_crop), drawn once on
-                the CPU: parameters, not seeds, so a view is the same on every device
+  params.npy    (R, 5) float32: each row's crop parameters, drawn on the CPU: in-memory images
+                fastcbd.data.augment.draw_crop's (drawn once), image files the pixel box (top, left, h,
+                w, flip) of fastcbd.cache.files (drawn by the worker that decodes the image). Parameters,
+                not seeds, so a view is the same on every device
   features.npy  (R, sum D_k) float16, memory-mapped: the teachers' features of each view, side by side in
                 the teachers' order
   done.npy      (chunks,) uint8: which chunks of rows are written (a half-built cache resumes from it)
@@ -32,8 +34,15 @@ FILES = ("offsets.npy", "params.npy", "features.npy", "done.npy")
 
 
 def dataset_fingerprint(splits) -> str:
-    """sha256 of the training images and labels (in-memory arrays)."""
+    """sha256 of the training images and labels (in-memory arrays), or of the training files' paths, sizes
+    and labels and the crop size (image files)."""
     h = hashlib.sha256()
+    if not hasattr(splits, "x_train"):
+        files = splits.train
+        h.update(f"size {splits.image_size}\n".encode())
+        for path, label in zip(files.paths, files.labels):
+            h.update(f"{path}\t{os.path.getsize(path) if os.path.exists(path) else -1}\t{int(label)}\n".encode())
+        return h.hexdigest()
     for a in (splits.x_train, splits.y_train):
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
@@ -121,7 +130,7 @@ class TeacherCache:
             if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
                 raise ValueError(f"not a format-{FORMAT} teacher cache")
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
-            self.params = np.load(os.path.join(folder, "params.npy"), mmap_mode="r")
+            self.params = np.load(os.path.join(folder, "params.npy"), mmap_mode=mode)
             self.features = np.load(os.path.join(folder, "features.npy"), mmap_mode=mode)
             self.done = np.load(os.path.join(folder, "done.npy"), mmap_mode=mode)
             rows, dim = int(self.meta["rows"]), sum(int(t["dim"]) for t in self.meta["teachers"])

@@ -92,8 +92,12 @@ class FileImages(Dataset):
         if not self.train:
             img = TF.resize(img, self.resize, antialias=True)
             return TF.center_crop(img, [s, s])
-        top, left, h, w, flip = crop_box(img.shape[-2], img.shape[-1], self.aug, torch.Generator().manual_seed(seed))
-        img = TF.resized_crop(img, top, left, h, w, [s, s], antialias=True)
+        return self.cut(img, crop_box(img.shape[-2], img.shape[-1], self.aug, torch.Generator().manual_seed(seed)))
+
+    def cut(self, img: torch.Tensor, box) -> torch.Tensor:
+        """The (top, left, h, w, flip) box of img resized to size x size (flipped if flip): a training crop."""
+        top, left, h, w, flip = (int(v) for v in box)
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         return img.flip(-1) if flip else img
 
     def __getitem__(self, item):
@@ -201,14 +205,9 @@ class TorchLoader(SampledLoader):
         if self._resume_gen is not None:  # a checkpoint's generator state, taken mid-epoch
             self.gen.set_state(self._resume_gen)
             self._resume_gen = None
-        loader_gen = torch.Generator()
-        loader_gen.manual_seed(seed)  # the DataLoader's base seed, drawn from here rather than the global RNG
         arrays = isinstance(self.dataset, ArrayImages)
-        dl = DataLoader(self.dataset, batch_sampler=self._batches(seeded=not arrays), num_workers=self.workers,
-                        collate_fn=(lambda items: items[0]) if arrays else functools.partial(
-                            collate, channels_last=self.memory_format == torch.channels_last), generator=loader_gen,
-                        pin_memory=self.device.type == "cuda", prefetch_factor=self.prefetch if self.workers else None,
-                        worker_init_fn=ignore_stop_signals)
+        dl = self._dataloader(self._batches(seeded=not arrays), seed, (lambda items: items[0]) if arrays else
+                              functools.partial(collate, channels_last=self.memory_format == torch.channels_last))
         for x, y, bad, consumed in _stopping_workers(dl):
             for message in bad:
                 log.warning("skipped a bad image: %s", message)
@@ -222,6 +221,16 @@ class TorchLoader(SampledLoader):
                 x = augment(x / 255, self.aug, self.gen) * 255
             elif self.aug is not None and (self.aug.color_jitter > 0 or self.aug.grayscale_p > 0):
                 x = photometric(x / 255, self.aug, self.gen) * 255
-            # in place: a fresh (B, 3, 224, 224) float batch per op costs more than the op (page faults)
-            x = normalize_(x.contiguous(memory_format=self.memory_format), self.mean, self.std)
-            yield x, y.to(self.device, non_blocking=True)
+            yield self._normalize(x), y.to(self.device, non_blocking=True)
+
+    def _dataloader(self, batches: list, seed: int, collate_fn) -> DataLoader:
+        loader_gen = torch.Generator()
+        loader_gen.manual_seed(seed)  # the DataLoader's base seed, drawn from here rather than the global RNG
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=collate_fn,
+                          generator=loader_gen, pin_memory=self.device.type == "cuda",
+                          prefetch_factor=self.prefetch if self.workers else None, worker_init_fn=ignore_stop_signals)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A float batch of 0..255 values, normalised in place in the loader's memory format."""
+        # in place: a fresh (B, 3, 224, 224) float batch per op costs more than the op (page faults)
+        return normalize_(x.contiguous(memory_format=self.memory_format), self.mean, self.std)

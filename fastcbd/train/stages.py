@@ -208,11 +208,11 @@ def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_
     m, sc = ctx.cfg.model, ctx.cfg.student
     loader, smp = ctx.train_loader(sc.sampler, "vanilla", seed, epochs=sc.optim.epochs)
     if cache is not None:
-        from fastcbd.cache import CachedLoader
+        from fastcbd.cache import cached_loader
         from fastcbd.cache.build import view_loader
 
         view_loader(ctx)  # refuses a loader the cache cannot serve, with the reason
-        loader = CachedLoader.over(loader, cache, [t["weights"] for t in teacher_ids])
+        loader = cached_loader(loader, cache, [t["weights"] for t in teacher_ids])
         proj_dim = sum(loader.dims)
     else:
         teachers = freeze(teachers)

@@ -1,6 +1,7 @@
 """The teacher-feature cache (fastcbd.cache): stored views regenerate exactly, cached features are the live
 teachers' features of those views (to fp16 rounding), a cache built otherwise is refused naming what differs,
-a killed build resumes, and a student trained from a cache resumes bit-exactly after SIGTERM."""
+a killed build resumes, and a student trained from a cache resumes bit-exactly after SIGTERM (in-memory
+arrays through the CLI; image files through the torch loader at the loader level)."""
 import json
 import os
 import signal
@@ -124,20 +125,75 @@ def test_balanced_allotment_follows_class_balanced_draws():
         allot_views(y, 4, 5, "sqrt")
 
 
-def test_image_files_are_refused_with_the_reason(tmp_path):
+def _jpeg_ctx(tmp_path, *overrides):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
     from data_files import write_jpegs, write_list
 
     from fastcbd.train.pipeline import load_data
 
-    write_list(tmp_path / "train.txt", write_jpegs(tmp_path, [3, 2], "train", size=(12, 12)))
-    write_list(tmp_path / "test.txt", write_jpegs(tmp_path, [1, 1], "val", size=(12, 12)))
+    if not (tmp_path / "train.txt").exists():  # odd sizes: the boxes are in each file's own pixels
+        write_list(tmp_path / "train.txt", write_jpegs(tmp_path, [6, 3, 2], "train", size=(21, 17)))
+        write_list(tmp_path / "test.txt", write_jpegs(tmp_path, [1, 1, 1], "val", size=(21, 17)))
     cfg = load_config(None, ["data.dataset=imagenet-lt", f"data.root={tmp_path}", "data.train_list=train.txt",
-                          "data.test_list=test.txt", "data.image_size=8", *TINY])
-    ctx = Context(cfg, load_data(cfg), progress=False)
+                             "data.test_list=test.txt", "data.image_size=12", "data.loader=torch", "data.workers=2",
+                             "aug.flip=true", *TINY, "data.batch_size=4", *overrides])
+    return Context(cfg, load_data(cfg), progress=False)
+
+
+def test_image_files_cache_cuts_stored_boxes_and_resumes_exactly(tmp_path):
+    from fastcbd.cache import cached_loader
+    from fastcbd.cache.files import StoredViews, view_batches
+    from fastcbd.data.decode import load_rgb
+
+    ctx = _jpeg_ctx(tmp_path)
+    teachers = _teachers(ctx)
+    cache = build_cache(ctx, teachers, _ids(teachers), 3, str(tmp_path / "c"), seed=4, batch_size=5, chunk_rows=8)
+    boxes = np.array(cache.params).astype(np.int64)
+    assert cache.complete and len(boxes) == 33 and (boxes[:, 2:4] > 0).all()
+    assert (boxes[:, 0] + boxes[:, 2] <= 21).all() and (boxes[:, 1] + boxes[:, 3] <= 17).all()  # in the image
+    assert set(boxes[:, 4]) == {0, 1} and len({tuple(b) for b in boxes}) > 25  # flips both ways, varied crops
+
+    def batches(n, state=None):
+        loader, smp = ctx.train_loader("balanced", "vanilla", seed=3)
+        loader = cached_loader(loader, cache, [weights_hash(t) for t in teachers])
+        smp.set_epoch(1)
+        if state is not None:
+            smp.load_state_dict(state["sampler"])
+            loader.load_state_dict(state["loader"])
+        out = []
+        for (x, feats), y in loader:
+            out.append((x, feats, y))
+            if len(out) == n:
+                return out, {"sampler": smp.state_dict(), "loader": loader.state_dict()}
+        return out, None
+
+    whole, _ = batches(3)
+    first, state = batches(1)
+    rest, _ = batches(2, state)
+    for (a, fa, ya), (b, fb, yb) in zip(whole, first + rest):  # stopped after a batch, resumed: the same views
+        assert torch.equal(a, b) and torch.equal(ya, yb) and all(torch.equal(p, q) for p, q in zip(fa, fb))
+    x, feats, y = whole[0]
+    with torch.inference_mode():
+        for f, t in zip(feats, teachers):
+            torch.testing.assert_close(f, t.features(x), rtol=2**-10, atol=1e-5)
+    # a stored box, cut again from the file, gives the batch's pixels
+    loader, _ = ctx.train_loader("balanced", "vanilla", seed=3)
+    row = 7
+    image = int(np.searchsorted(cache.offsets, row, side="right") - 1)
+    crop = loader.dataset.cut(load_rgb(loader.dataset.files.paths[image]), boxes[row])
+    x_row = next(iter(view_batches(loader, StoredViews(loader.dataset, boxes), [[(image, row)]], 0)))[0]
+    assert torch.equal(x_row, loader._normalize(crop[None].float()))
+
+
+def test_loaders_the_cache_cannot_serve_are_refused_with_the_reason(tmp_path):
+    ctx = _jpeg_ctx(tmp_path, "data.skip_bad=true")
     teachers = _teachers(ctx, 1)
-    with pytest.raises(ConfigError, match=r"in-memory data and the device loader.*TorchLoader"):
+    with pytest.raises(ConfigError, match=r"data.skip_bad=true"):
         build_cache(ctx, teachers, _ids(teachers), 2, str(tmp_path / "c"))
+    arrays = _ctx(_npz(tmp_path), "data.loader=torch")
+    with pytest.raises(ConfigError, match=r"gives TorchLoader here: set data.loader=device for in-memory arrays"):
+        build_cache(arrays, teachers, _ids(teachers), 2, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
 
 
 def _cli(*args):
