@@ -17,6 +17,7 @@ sets targets for: reuse = student_s / ce_balanced student_s, with_build = (build
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -138,6 +139,7 @@ def main(argv=None):
     ap.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "cache.csv"))
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value) for every stage")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     rows = []
     for seed in args.seeds:
         new = run_seed(args, seed)

@@ -69,14 +69,8 @@ class CachedLoader(DeviceLoader):
         u = torch.rand(len(idx), generator=self.gen, device=self.device)
         return start + torch.minimum((u * count).long(), count - 1)
 
-    def __iter__(self):
-        order = self._order()
-        self._seed_generator()
-        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        for start in range(0, stop, self.batch_size):
-            idx = torch.from_numpy(order[start : start + self.batch_size]).to(self.device)
-            rows = self.rows(idx)
-            x = self.view(idx, self.params.index_select(0, rows))
-            if self.sampler is not None:
-                self.sampler.advance(len(idx))
-            yield (x, self.features(rows)), self.labels.index_select(0, idx)
+    def batch(self, idx: torch.Tensor):
+        """((stored views, the teachers' features), labels) of the images idx."""
+        rows = self.rows(idx)
+        x = self.view(idx, self.params.index_select(0, rows))
+        return (x, self.features(rows)), self.labels.index_select(0, idx)

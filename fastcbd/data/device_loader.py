@@ -38,18 +38,26 @@ class DeviceLoader(SampledLoader):
 
     def __iter__(self):
         order = self._order()
-        if self._resume_gen is not None:  # a checkpoint's generator state, taken mid-epoch (exact resume)
+        self._seed_generator()
+        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
+        for start in range(0, stop, self.batch_size):
+            idx = torch.from_numpy(order[start : start + self.batch_size]).to(self.device)
+            batch = self.batch(idx)
+            if self.sampler is not None:
+                self.sampler.advance(len(idx))
+            yield batch
+
+    def batch(self, idx: torch.Tensor):
+        """(images, labels) of the images idx (on the device)."""
+        return self.augmented(idx), self.labels.index_select(0, idx)
+
+    def _seed_generator(self) -> None:
+        """A checkpoint's generator state taken mid-epoch (exact resume), else a seed from the epoch."""
+        if self._resume_gen is not None:
             self.gen.set_state(self._resume_gen)
             self._resume_gen = None
         elif self.sampler is not None:
             self.gen.manual_seed(hash((self.seed, self.sampler.epoch, self.sampler.consumed)) % (2**62))
-        stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
-        for start in range(0, stop, self.batch_size):
-            idx = torch.from_numpy(order[start : start + self.batch_size]).to(self.device)
-            x = self.augmented(idx)
-            if self.sampler is not None:
-                self.sampler.advance(len(idx))
-            yield x, self.labels.index_select(0, idx)
 
     def augmented(self, idx: torch.Tensor) -> torch.Tensor:
         """The images idx (on the device) augmented with the next draws of the generator (none: as they are)."""

@@ -209,13 +209,19 @@ def _save_teachers(tmp_path, data):
     return paths
 
 
-def test_a_killed_build_resumes_to_the_same_cache(tmp_path):
+def _built_by_cli(tmp_path, out: str, *args) -> list[str]:
+    """Two saved teachers on the test npz, `fastcbd cache-teachers --out tmp_path/out args` run; returns the
+    command's arguments after --out."""
     data = _npz(tmp_path)
-    teachers = _save_teachers(tmp_path, data)
-    common = ["--data", data, "--teachers", *teachers, "--views", "4", "--chunk-rows", "32", *TINY]
-    straight = subprocess.run(_cli("cache-teachers", "--out", str(tmp_path / "a"), *common), capture_output=True,
-                              text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    common = ["--data", data, "--teachers", *_save_teachers(tmp_path, data), *args, *TINY]
+    made = subprocess.run(_cli("cache-teachers", "--out", str(tmp_path / out), *common), capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    return common
+
+
+def test_a_killed_build_resumes_to_the_same_cache(tmp_path):
+    common = _built_by_cli(tmp_path, "a", "--views", "4", "--chunk-rows", "32")
     out = tmp_path / "b"
     env = dict(os.environ, FASTCBD_STEP_DELAY="0.3")
     proc = subprocess.Popen(_cli("cache-teachers", "--out", str(out), *common), env=env, stdout=subprocess.DEVNULL,
@@ -238,12 +244,8 @@ def test_a_killed_build_resumes_to_the_same_cache(tmp_path):
 
 
 def test_a_student_on_a_cache_resumes_bit_exactly_and_matches_the_cli(tmp_path):
-    data = _npz(tmp_path)
-    teachers = _save_teachers(tmp_path, data)
+    data = _built_by_cli(tmp_path, "cache", "--views", "3")[1]
     cache = str(tmp_path / "cache")
-    made = subprocess.run(_cli("cache-teachers", "--data", data, "--teachers", *teachers, "--views", "3", "--out", cache,
-                               *TINY), capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr[-3000:]
     run = ["--data", data, "--teacher-cache", cache, *TINY, "student.optim.epochs=4", "checkpoint.every=1",
            "checkpoint.keep=2"]
     straight = subprocess.run(_cli("train-student", "--out", str(tmp_path / "a"), *run), capture_output=True,
@@ -275,12 +277,7 @@ def test_a_student_on_a_cache_resumes_bit_exactly_and_matches_the_cli(tmp_path):
 @pytest.mark.skipif(not torch.distributed.is_available() or not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torch.distributed / torchrun not available")
 def test_torchrun_ranks_build_their_shares_of_one_cache(tmp_path):
-    data = _npz(tmp_path)
-    teachers = _save_teachers(tmp_path, data)
-    common = ["--data", data, "--teachers", *teachers, "--views", "4", "--chunk-rows", "40", *TINY]
-    one = subprocess.run(_cli("cache-teachers", "--out", str(tmp_path / "one"), *common), capture_output=True,
-                         text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    common = _built_by_cli(tmp_path, "one", "--views", "4", "--chunk-rows", "40")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fastcbd", "cache-teachers", "--out",
                           str(tmp_path / "two"), *common], capture_output=True, text=True, timeout=300,
