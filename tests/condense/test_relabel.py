@@ -198,7 +198,7 @@ def test_condense_cifar100_lt_rldd_relabeled_by_a_model_file(tmp_path):
     assert set(m["relabel"]) >= {"all", "many", "medium", "few", "std"} and "calibrated" not in m
     assert r["teacher"]["path"] == teacher and r["teacher"]["tau"] == 2.0 and r["teacher"]["reused"] is None
     assert 0 <= r["teacher"]["accuracy"]["all"] <= 100
-    assert {"teacher", "rldd: observer", "rldd: init", "rldd: recovery", "rldd: distillation",
+    assert {"teacher, once per run", "rldd: observer", "rldd: init", "rldd: recovery", "rldd: distillation",
             "rldd: evaluation (hard labels)", "rldd: evaluation@relabel"} <= set(r["stage_times_s"])
     md = (out / "results.md").read_text()
     assert "| teacher |" in md and "relabeled: all" in md and "Seconds per seed by stage" in md
