@@ -121,7 +121,7 @@ def summary(rows: list[dict]) -> list[dict]:
     for variant, rs in by.items():
         def ms(key, rs=rs):
             xs = [float(r[key]) for r in rs]
-            return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+            return statistics.mean(xs), statistics.pstdev(xs)  # as fastcbd summarize (np.std)
 
         a, few = ms("all"), ms("few")
         reuse = statistics.mean([r["student_s"] / ce[r["seed"]] for r in rs if r["seed"] in ce] or [math.nan])

@@ -180,7 +180,8 @@ def cmd_train_student(args) -> None:
 
 def _student_cache(args, ctx, teachers, ids):
     """(cache or None, teacher ids) of a CBD student: --teacher-cache DIR (its teachers, or the --teachers
-    among them), else student.teacher_cache=V > 0 builds one in student.cache_dir or --out/teacher_cache."""
+    among them; its views as built), else student.teacher_cache=V > 0 builds one in student.cache_dir or
+    --out/teacher_cache."""
     from fastcbd.cache import TeacherCache, build_cache, cache_key
     from fastcbd.cache.store import weights_hash
 
@@ -191,9 +192,7 @@ def _student_cache(args, ctx, teachers, ids):
             ids = [{**i, "weights": weights_hash(t)} for i, t in zip(ids, teachers)]
         else:
             ids = [{k: t[k] for k in ("path", "sha256", "weights")} for t in cache.meta["teachers"]]
-        views = sc.teacher_cache or cache.key["views"]
-        cache.check(cache_key(ctx, [t["weights"] for t in ids], views, sc.cache_allot if sc.teacher_cache else
-                              cache.key["allot"]), views_fixed=sc.teacher_cache > 0)
+        cache.check(cache_key(ctx, [t["weights"] for t in ids], cache.key["views"], cache.key["allot"]))
         return cache, ids
     if sc.teacher_cache > 0 and teachers:
         cache = build_cache(ctx, teachers, ids, sc.teacher_cache, sc.cache_dir or os.path.join(args.out, "teacher_cache"),

@@ -97,7 +97,7 @@ def build_cache(ctx, teachers, teacher_ids: list[dict], views: int, folder: str,
     _barrier()  # every rank has looked before rank 0 may lay a new cache out: they all take the same branch
     if exists:
         cache = store.TeacherCache(folder, mode="r+")
-        diff = store.key_differences(cache.key, key, views_fixed=True) + (
+        diff = store.key_differences(cache.key, key) + (
             ["teachers: the cache holds others (or in another order)"] if cache.key["teachers"] != key["teachers"] else [])
         if diff:
             raise ConfigError(f"teacher cache {folder} holds a cache built for other settings: {'; '.join(diff)}. "

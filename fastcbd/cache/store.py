@@ -87,9 +87,9 @@ def make_key(*, teachers: list[str], dataset: str, image_shape, aug, amp: str, v
             "views": int(views), "allot": allot}
 
 
-def key_differences(built: dict, wanted: dict, views_fixed: bool) -> list[str]:
+def key_differences(built: dict, wanted: dict) -> list[str]:
     """What differs between a cache's key and a run's, one phrase each (teachers: the run's must be among
-    the cache's; views/allot only when the run asks for a number of views)."""
+    the cache's)."""
     out = []
     missing = [t[:12] for t in wanted["teachers"] if t not in built["teachers"]]
     if missing:
@@ -101,10 +101,9 @@ def key_differences(built: dict, wanted: dict, views_fixed: bool) -> list[str]:
     for k, v in wanted["aug"].items():
         if (built.get("aug") or {}).get(k) != v:
             out.append(f"aug.{k}: cache {(built.get('aug') or {}).get(k)!r}, this run {v!r}")
-    if views_fixed:
-        for field in ("views", "allot"):
-            if built.get(field) != wanted[field]:
-                out.append(f"{field}: cache {built.get(field)!r}, this run {wanted[field]!r}")
+    for field in ("views", "allot"):
+        if built.get(field) != wanted[field]:
+            out.append(f"{field}: cache {built.get(field)!r}, this run {wanted[field]!r}")
     return out
 
 
@@ -149,8 +148,8 @@ class TeacherCache:
     def complete(self) -> bool:
         return bool(self.meta.get("complete"))
 
-    def check(self, wanted: dict, views_fixed: bool = True) -> None:
-        diff = key_differences(self.key, wanted, views_fixed)
+    def check(self, wanted: dict) -> None:
+        diff = key_differences(self.key, wanted)
         if diff:
             raise ConfigError(f"teacher cache {self.folder} was built for other settings: {'; '.join(diff)}. "
                               "Use another folder (or delete this one) to build a new cache")

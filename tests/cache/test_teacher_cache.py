@@ -268,10 +268,13 @@ def test_a_student_on_a_cache_resumes_bit_exactly_and_matches_the_cli(tmp_path):
     b, _ = load_model(str(out / "model.pt"))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert blob["arch"]["proj_dim"] == 2 * 16 and len(blob["meta"]["teachers"]) == 2  # both cache teachers
-    # a cache of other views is refused by train-student, one line, exit 2
-    bad = subprocess.run(_cli("train-student", "--out", str(tmp_path / "c"), *run, "student.teacher_cache=5"),
+    # --teacher-cache serves the views it was built with (3, uniform; the default config says 16, balanced);
+    # a cache of another augmentation is refused by train-student, one line, exit 2
+    assert blob["meta"]["teachers"][0]["weights"] and "views: cache" not in straight.stderr
+    bad = subprocess.run(_cli("train-student", "--out", str(tmp_path / "c"), *run, "aug.crop_scale=[0.2,1.0]"),
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "views: cache 3, this run 5" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "aug.crop_scale: cache [0.6, 1.0], this run [0.2, 1.0]" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not os.path.exists(

@@ -204,7 +204,14 @@ def test_workers_leave_ctrl_c_and_sigterm_to_the_trainer(tmp_path):
             return torch.full((3, self.size, self.size), 255 * ignored, dtype=torch.uint8)
 
     s = small_splits(tmp_path)
-    loader = TorchLoader(Dispositions(s.train, True, 32), s.y_train, 8, mean=(0, 0, 0), std=(1, 1, 1), workers=2)
-    x = torch.cat([x for x, _ in loader])  # 255 / (std 1 * 255)
-    assert (x == 1).all(), f"{int((x != 1).any(dim=(1, 2, 3)).sum())} images made by a worker that dies of Ctrl-C"
-    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN, "the main process must still see Ctrl-C"
+    # a terminal's dispositions, whatever this test was launched with (a background job inherits SIGINT ignored)
+    old = {sig: signal.signal(sig, h) for sig, h in ((signal.SIGINT, signal.default_int_handler),
+                                                       (signal.SIGTERM, signal.SIG_DFL))}
+    try:
+        loader = TorchLoader(Dispositions(s.train, True, 32), s.y_train, 8, mean=(0, 0, 0), std=(1, 1, 1), workers=2)
+        x = torch.cat([x for x, _ in loader])  # 255 / (std 1 * 255)
+        assert (x == 1).all(), f"{int((x != 1).any(dim=(1, 2, 3)).sum())} images made by a worker that dies of Ctrl-C"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the main process must still see Ctrl-C"
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
