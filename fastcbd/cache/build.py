@@ -38,13 +38,18 @@ def cache_key(ctx, weights: list[str], views: int, allot: str) -> dict:
 def view_loader(ctx):
     """The student's training loader (vanilla augmentation) that cuts the stored views: the DeviceLoader
     (in-memory arrays) or the torch DataLoader over image files; the others are refused with the reason."""
-    from fastcbd.data.torch_loader import FileImages, TorchLoader
     from fastcbd.train.stages import augment_config
+
+    return servable(ctx, ctx._loader(True, 1, aug=augment_config(ctx.cfg, "vanilla")))
+
+
+def servable(ctx, loader):
+    """`loader` if the cache can serve it (DeviceLoader, or TorchLoader over image files), else the reason."""
+    from fastcbd.data.torch_loader import FileImages, TorchLoader
 
     if ctx.cfg.data.skip_bad:
         raise ConfigError("student.teacher_cache with data.skip_bad=true: a cached view belongs to its own image, "
                           "so bad images cannot be stood in for; remove them (fastcbd data-stats --verify lists them)")
-    loader = ctx._loader(True, 1, aug=augment_config(ctx.cfg, "vanilla"))
     if isinstance(loader, DeviceLoader) or (isinstance(loader, TorchLoader) and isinstance(loader.dataset, FileImages)):
         return loader
     hint = ("data.loader=torch for image files" if not isinstance(ctx.splits, ArraySplits) else

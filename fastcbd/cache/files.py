@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fastcbd.cache.loader import FeatureRows
+from fastcbd.cache.loader import FeatureRows, adopt
 from fastcbd.cache.store import TeacherCache
 from fastcbd.data.decode import load_rgb
 from fastcbd.data.files import BadInputError
@@ -72,10 +72,7 @@ class CachedFileLoader(TorchLoader):
 
     @classmethod
     def over(cls, base: TorchLoader, cache: TeacherCache, weights: list[str]):
-        self = cls.__new__(cls)
-        self.__dict__.update(base.__dict__)
-        if len(cache.offsets) - 1 != len(self.labels):
-            raise ValueError(f"teacher cache {cache.folder}: {len(cache.offsets) - 1} images, the loader has {len(self.labels)}")
+        self = adopt(cls, base, cache)
         self.views = StoredViews(base.dataset, np.array(cache.params))
         self.offsets = np.asarray(cache.offsets)
         self.features = FeatureRows(cache, weights, self.device)
@@ -87,12 +84,7 @@ class CachedFileLoader(TorchLoader):
         return self.features.dims
 
     def __iter__(self):
-        state = (self.seed, self.sampler.epoch, self.sampler.consumed) if self.sampler is not None else (self.seed,)
-        seed = hash(state) % (2**62)
-        self.gen.manual_seed(seed)
-        if self._resume_gen is not None:
-            self.gen.set_state(self._resume_gen)
-            self._resume_gen = None
+        seed = self._seed_generator()
         starts, counts = self.offsets[:-1], np.diff(self.offsets)
         batches = [[(i, int(starts[i] + s % counts[i])) for i, s in b] for b in self._batches(seeded=True)]
         for x, images, rows, _ in view_batches(self, self.views, batches, seed):

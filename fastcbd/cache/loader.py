@@ -17,6 +17,15 @@ from fastcbd.data.device_loader import DeviceLoader
 RESIDENT_BYTES = 4 << 30  # features up to this size are copied to the device once
 
 
+def adopt(cls, base, cache: TeacherCache):
+    """A `cls` object sharing (not copying) the state of the loader `base`, which must have the cache's images."""
+    if len(cache.offsets) - 1 != len(base.labels):
+        raise ValueError(f"teacher cache {cache.folder}: {len(cache.offsets) - 1} images, the loader has {len(base.labels)}")
+    self = cls.__new__(cls)
+    self.__dict__.update(base.__dict__)
+    return self
+
+
 class FeatureRows:
     """rows (int64 tensor) -> the K teachers' features of those cache rows: list of (B, D_k) float32 on `device`."""
 
@@ -49,10 +58,7 @@ class CachedLoader(DeviceLoader):
     @classmethod
     def over(cls, base: DeviceLoader, cache: TeacherCache, weights: list[str], resident_bytes: int = RESIDENT_BYTES):
         """`base`'s state, shared (not copied), with the features of the teachers `weights` (hashes) from `cache`."""
-        self = cls.__new__(cls)
-        self.__dict__.update(base.__dict__)
-        if len(cache.offsets) - 1 != len(self.labels):
-            raise ValueError(f"teacher cache {cache.folder}: {len(cache.offsets) - 1} images, the loader has {len(self.labels)}")
+        self = adopt(cls, base, cache)
         self.features = FeatureRows(cache, weights, self.device, resident_bytes)
         self.offsets = torch.from_numpy(np.asarray(cache.offsets)).to(self.device)
         self.params = torch.from_numpy(np.array(cache.params)).to(self.device)

@@ -198,13 +198,19 @@ class TorchLoader(SampledLoader):
             order = list(zip(order.tolist(), seeds.tolist()))
         return [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
-    def __iter__(self):
+    def _seed_generator(self) -> int:
+        """Seed the on-device generator for this epoch (or restore a checkpoint's mid-epoch state); returns
+        the epoch's seed, also the DataLoader's base seed."""
         state = (self.seed, self.sampler.epoch, self.sampler.consumed) if self.sampler is not None else (self.seed,)
         seed = hash(state) % (2**62)
         self.gen.manual_seed(seed)
         if self._resume_gen is not None:  # a checkpoint's generator state, taken mid-epoch
             self.gen.set_state(self._resume_gen)
             self._resume_gen = None
+        return seed
+
+    def __iter__(self):
+        seed = self._seed_generator()
         arrays = isinstance(self.dataset, ArrayImages)
         dl = self._dataloader(self._batches(seeded=not arrays), seed, (lambda items: items[0]) if arrays else
                               functools.partial(collate, channels_last=self.memory_format == torch.channels_last))

@@ -209,10 +209,9 @@ def train_student(ctx: Context, teachers, seed: int, desc: str = "cbd", teacher_
     loader, smp = ctx.train_loader(sc.sampler, "vanilla", seed, epochs=sc.optim.epochs)
     if cache is not None:
         from fastcbd.cache import cached_loader
-        from fastcbd.cache.build import view_loader
+        from fastcbd.cache.build import servable
 
-        view_loader(ctx)  # refuses a loader the cache cannot serve, with the reason
-        loader = cached_loader(loader, cache, [t["weights"] for t in teacher_ids])
+        loader = cached_loader(servable(ctx, loader), cache, [t["weights"] for t in teacher_ids])
         proj_dim = sum(loader.dims)
     else:
         teachers = freeze(teachers)
