@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate every set with a teacher's soft labels on each augmented batch: a fastcbd model "
                    "file, or auto (a balanced-softmax teacher trained on the long-tailed set, cached in --out/teachers); "
                    "rldd uses auto without it")
-    p.add_argument("--relabel-tau", type=float, default=1.0, help="soft-label temperature (default 1)")
+    p.add_argument("--relabel-tau", type=float, default=2.0,
+                   help="soft-label temperature (default 2, chosen on the MNIST-LT validation split: docs/condense.md)")
     p.add_argument("--relabel-calibrate", action="store_true",
                    help="also evaluate with the soft labels calibrated for class frequency (ADSA-style)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-real and full-data baselines")

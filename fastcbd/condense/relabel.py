@@ -139,39 +139,64 @@ def load_labeler(path: str, num_classes: int, image_shape, run_mean, run_std, ta
     return SoftLabeler(net.eval(), tau, run_mean, run_std, info["mean"], info["std"])
 
 
-def auto_settings(dataset: str, rho: float, data_seed: int, data_root: str | None, epochs: int, width: int) -> dict:
+def auto_settings(dataset: str, rho: float, data_seed: int, data_root: str | None, steps: int, width: int,
+                  dsa: dict) -> dict:
     """What `--relabel auto`'s teacher depends on: its cache key."""
     return {"loss": "balanced_softmax", "dataset": dataset, "rho": float(rho), "data_seed": int(data_seed),
-            "data_root": os.path.abspath(data_root) if data_root else "", "epochs": int(epochs), "width": int(width),
-            "backbone": "small_cnn" if dataset == "mnist-lt" else "resnet32", "version": 1}
+            "data_root": os.path.abspath(data_root) if data_root else "", "steps": int(steps), "width": int(width),
+            "backbone": "convnet3", "dsa": dict(dsa), "batch": 128, "lr": 0.01, "version": 2}
 
 
-def auto_teacher(settings: dict, cache_dir: str, device: str = "cpu", progress: bool = False) -> tuple[str, bool]:
-    """(path, reused): the balanced-softmax teacher for `settings`, trained by fastcbd's training loop
-    (fastcbd.train.baselines.train_with_loss) unless cache_dir/<key>/model.pt already holds it."""
+def train_auto_teacher(x: torch.Tensor, y: torch.Tensor, counts, settings: dict, seed: int, progress=None):
+    """The `auto` teacher: a fastcbd Teacher (ConvNet-3 backbone, cosine classifier) trained from scratch on
+    the long-tailed set x (N, C, H, W, normalised), y (N,) with the balanced-softmax loss, instance
+    sampling and the evaluation's DSA augmentation: SGD momentum 0.9, weight decay 5e-4, lr settings['lr']
+    on a cosine schedule, settings['steps'] steps of settings['batch'] images."""
+    from fastcbd.condense.dsa import DSA, DSAConfig
+    from fastcbd.models import Teacher
+    from fastcbd.train.baselines import balanced_softmax_loss
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    aug = DSA(DSAConfig(**settings["dsa"]), seed)
+    c, h, w = x.shape[1:]
+    net = Teacher("convnet3", len(counts), c, width=settings["width"], image_size=(h, w)).to(x.device)
+    opt = torch.optim.SGD(net.parameters(), lr=settings["lr"], momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings["steps"])
+    net.train()
+    for _ in range(settings["steps"]):
+        idx = torch.randint(len(y), (min(settings["batch"], len(y)),), generator=gen).to(x.device)
+        loss = balanced_softmax_loss(net(aug(x[idx], aug.draw(len(idx)))), y[idx], counts)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress.update(1)
+    return net.eval()
+
+
+def auto_teacher(settings: dict, cache_dir: str, x: torch.Tensor, y: torch.Tensor, counts, mean, std,
+                 progress=None) -> tuple[str, bool]:
+    """(path, reused): the balanced-softmax teacher for `settings` (train_auto_teacher on x, y; images
+    normalised by mean / std), written as a fastcbd model file unless cache_dir/<key>/model.pt holds it."""
+    from fastcbd.train.checkpoint import save_model
+
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, key, "model.pt")
     if os.path.exists(path):
         log.info("--relabel auto: reusing the cached teacher %s", path)
         return path, True
-    from fastcbd.train.baselines import train_with_loss
-    from fastcbd.train.checkpoint import save_model
-    from fastcbd.train.config import Config
-    from fastcbd.train.pipeline import load_data
-    from fastcbd.train.stages import Context
-
-    cfg = Config(seed=settings["data_seed"], device=device)
-    cfg.data.dataset, cfg.data.rho, cfg.data.root = settings["dataset"], settings["rho"], settings["data_root"]
-    cfg.model.backbone, cfg.model.width = settings["backbone"], settings["width"]
-    cfg.teacher.optim.epochs = settings["epochs"]
-    if settings["dataset"] != "mnist-lt":  # natural images: flips and padded crops, the CIFAR recipe
-        cfg.aug.flip, cfg.aug.pad = True, 4
     log.info("--relabel auto: training a balanced-softmax teacher (%s), cached as %s", settings, path)
     t0 = time.perf_counter()
-    ctx = Context(cfg, load_data(cfg), progress=progress)
-    model = train_with_loss(ctx, "balanced_softmax", settings["data_seed"] * 100 + 56)
-    save_model(path, model, ctx.arch("teacher"), {"settings": settings, "seconds": time.perf_counter() - t0},
-               ctx.info())
+    net = train_auto_teacher(x, y, counts, settings, settings["data_seed"] * 100 + 56, progress)
+    c, h, w = (int(s) for s in x.shape[1:])
+    arch = {"role": "teacher", "backbone": "convnet3", "num_classes": len(counts), "in_channels": c,
+            "sigma": float(net.classifier.sigma),
+            "width": settings["width"], "image_size": [h, w]}
+    info = {"input": {"channels": c, "size": [h, w], "mean": [float(v) for v in np.ravel(mean)],
+                      "std": [float(v) for v in np.ravel(std)], "resize": None}}
+    save_model(path, net, arch, {"settings": settings, "seconds": time.perf_counter() - t0}, info)
     with open(os.path.join(cache_dir, key, "settings.json"), "w") as f:
         json.dump(settings, f, indent=1)
     return path, False

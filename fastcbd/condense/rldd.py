@@ -37,7 +37,7 @@ class RLDDConfig:
     observer_batch: int = 256
     observer_lr: float = 0.05
     init_rounds: int = 3
-    init_candidates: int = 8  # augmented crops drawn per image still to choose, each round
+    init_candidates: int = 8  # augmented crops drawn per image still to choose, each round (0: the real images only)
     keep: float = 0.5  # share of the most confident crops the diversity pick chooses from
     iterations: int = 1000
     lr_img: float = 0.05
@@ -95,7 +95,7 @@ def select_init(pool: RealPool, syn: SyntheticSet, scorer, embed, cfg: RLDDConfi
             src = torch.randint(len(real), (m,), generator=gen)
             # candidates: the real images themselves (an identity crop) and m augmented crops of them
             src = torch.cat([torch.arange(len(real)), src])
-            cand = torch.cat([real, crops(real[src[len(real):]], crops.draw(m))])
+            cand = torch.cat([real, crops(real[src[len(real):]], crops.draw(m))]) if m else real
             conf = scorer(cand)[:, c]
             top = conf.argsort(descending=True)[:max(need, math.ceil(cfg.keep * len(cand)))]
             cand, conf, src = cand[top], conf[top], src[top]

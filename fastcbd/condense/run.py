@@ -62,10 +62,10 @@ class CondenseConfig:
     matching: str = "auto"  # DM / DSA: batched (all classes per call) | loop (per class) | auto: batched on a GPU,
     # loop on the CPU, where the batched forms measured slower (benchmarks/bench_condense.py)
     relabel: str = ""  # "" | a fastcbd model file | auto (balanced-softmax teacher, cached); rldd: auto by default
-    relabel_tau: float = 1.0
+    relabel_tau: float = 2.0  # chosen on the MNIST-LT validation split (docs/condense.md)
     relabel_calibrate: bool = False  # also evaluate with the ADSA-style calibrated soft labels (relabel.py)
-    teacher_epochs: int = 150  # --relabel auto: the teacher's epochs (the demo recipe otherwise)
-    teacher_width: int = 16
+    teacher_steps: int = 10000  # --relabel auto: the teacher's SGD steps of 128 images (relabel.train_auto_teacher)
+    teacher_width: int = 128  # --relabel auto: the teacher's ConvNet-3 width
     dm: DMConfig = field(default_factory=DMConfig)
     gm: GMConfig = field(default_factory=GMConfig)
     mtt: MTTConfig = field(default_factory=MTTConfig)
@@ -360,9 +360,11 @@ def setup_teacher(cfg: CondenseConfig, runner: Runner, splits, out_dir: str, pro
     t0 = time.perf_counter()
     reused = None
     if source == "auto":
-        settings = auto_settings(cfg.dataset, cfg.rho, cfg.data_seed, cfg.data_root, cfg.teacher_epochs,
-                                 cfg.teacher_width)
-        path, reused = auto_teacher(settings, os.path.join(out_dir, "teachers"), cfg.device, progress)
+        settings = auto_settings(cfg.dataset, cfg.rho, cfg.data_seed, cfg.data_root, cfg.teacher_steps,
+                                 cfg.teacher_width, dataclasses.asdict(cfg.dsa))
+        with runner.bar(settings["steps"], "relabel teacher") as bar:
+            path, reused = auto_teacher(settings, os.path.join(out_dir, "teachers"), runner.x_train, runner.y_train,
+                                        runner.counts, runner.mean, runner.std, bar)
     else:
         path = source
     runner.labeler = load_labeler(path, runner.num_classes, tuple(runner.x_train.shape[1:]), runner.mean, runner.std,

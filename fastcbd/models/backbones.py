@@ -87,11 +87,29 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
 
+class ConvNet3(nn.Module):
+    """ConvNet-3, the dataset-distillation network (fastcbd.condense.convnet: conv + instance norm + ReLU +
+    average pooling, `depth` times) without its classifier: flattened features of width * (H/8) * (W/8).
+    What `fastcbd condense --relabel auto` trains as its teacher."""
+
+    def __init__(self, in_channels: int, width: int, image_size, depth: int = 3):
+        super().__init__()
+        from fastcbd.condense.convnet import ConvNet
+
+        if not image_size:
+            raise ConfigError("model.backbone=convnet3 needs the image size (arch.image_size)")
+        net = ConvNet(in_channels, 1, tuple(int(s) for s in image_size), width=width, depth=depth)
+        self.features, self.out_features = net.features, net.feat_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+
 def build_backbone(name: str, in_channels: int = 3, width: int = 0, image_size=None, options: dict | None = None,
                    weights: str = "") -> nn.Module:
-    """name: small_cnn | resnet32 | resnet20 | resnet18 | resnet50 | timm:<name>; width (small_cnn only):
-    0 = default. image_size (H, W), options (create_model kwargs) and weights (a local file) are for timm
-    backbones (fastcbd.models.timm_backbone)."""
+    """name: small_cnn | convnet3 | resnet32 | resnet20 | resnet18 | resnet50 | timm:<name>; width (small_cnn,
+    convnet3): 0 = default. image_size (H, W) is for convnet3 and timm backbones; options (create_model
+    kwargs) and weights (a local file) for timm backbones (fastcbd.models.timm_backbone)."""
     if name.startswith("timm:"):
         from fastcbd.models.timm_backbone import TimmBackbone
 
@@ -100,9 +118,11 @@ def build_backbone(name: str, in_channels: int = 3, width: int = 0, image_size=N
         raise ConfigError(f"model.timm_kwargs and model.weights apply to timm:<name> backbones, not {name!r}")
     if name == "small_cnn":
         return SmallCNN(in_channels, width or 32)
+    if name == "convnet3":
+        return ConvNet3(in_channels, width or 128, image_size)
     if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
         return TorchvisionResNet(name, in_channels)
     if name.startswith("resnet") and name[6:].isdigit() and (int(name[6:]) - 2) % 6 == 0:
         return ResNetCifar(int(name[6:]), in_channels)
-    raise ConfigError(f"model.backbone={name!r}: expected small_cnn, resnet32 (CIFAR, 6n+2), resnet18, resnet50 "
-                     "or timm:<name> (e.g. timm:resnet50, timm:vit_small_patch16_224)")
+    raise ConfigError(f"model.backbone={name!r}: expected small_cnn, convnet3, resnet32 (CIFAR, 6n+2), resnet18, "
+                      "resnet50 or timm:<name> (e.g. timm:resnet50, timm:vit_small_patch16_224)")

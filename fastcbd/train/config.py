@@ -34,9 +34,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # small_cnn | resnet32 | resnet18 | resnet50 | timm:<name> (pip install fastcbd[timm])
+    backbone: str = "small_cnn"  # small_cnn | convnet3 | resnet32 | resnet18 | resnet50 | timm:<name> (fastcbd[timm])
     sigma: float = 20.0  # cosine-classifier scale
-    width: int = 16  # small_cnn channel width (16 -> 64 features)
+    width: int = 16  # small_cnn (16 -> 64 features) or convnet3 channel width
     timm_kwargs: dict = field(default_factory=dict)  # timm:<name>: more timm.create_model arguments, e.g.
     # '{patch_size: 7, embed_dim: 192, depth: 6}' (in_chans and img_size follow the data)
     weights: str = ""  # timm:<name>: local initial weights (.safetensors or a state dict); never downloaded

@@ -13,7 +13,6 @@ from fastcbd.condense.evaluate import EvalConfig, train_classifier
 from fastcbd.condense.relabel import LabelView, SoftLabeler, auto_teacher, load_labeler, relabel_loss
 from fastcbd.errors import BadInputError
 from fastcbd.models import Teacher
-from fastcbd.train import baselines
 from fastcbd.train.checkpoint import save_model
 
 
@@ -148,26 +147,31 @@ def test_cli_refuses_a_wrong_teacher_with_one_line(tmp_path, capsys):
 
 
 def test_relabel_auto_reuses_its_cached_teacher(tmp_path, monkeypatch):
-    settings = {"loss": "balanced_softmax", "dataset": "mnist-lt", "rho": 100.0, "data_seed": 0, "data_root": "",
-                "epochs": 1, "width": 4, "backbone": "small_cnn", "version": 1}
+    from fastcbd.condense import relabel
+
+    settings = relabel.auto_settings("mnist-lt", 100.0, 0, None, 2, 4, {"flip": False})
     calls = []
-    real = baselines.train_with_loss
+    real = relabel.train_auto_teacher
 
-    def counted(ctx, name, seed):
-        calls.append(name)
-        return real(ctx, name, seed)
+    def counted(*args, **kw):
+        calls.append(args[3]["width"])
+        return real(*args, **kw)
 
-    monkeypatch.setattr(baselines, "train_with_loss", counted)
-    path, reused = auto_teacher(settings, str(tmp_path / "teachers"), progress=False)
-    assert (reused, calls) == (False, ["balanced_softmax"]) and os.path.exists(path)
+    monkeypatch.setattr(relabel, "train_auto_teacher", counted)
+    g = torch.Generator().manual_seed(0)
+    x, y, counts = torch.randn(30, 1, 28, 28, generator=g), torch.arange(30) % 10, [3] * 10
+    path, reused = auto_teacher(settings, str(tmp_path / "teachers"), x, y, counts, [0.1], [0.3])
+    assert (reused, calls) == (False, [4]) and os.path.exists(path)
     stamp = os.stat(path).st_mtime_ns
-    again, reused = auto_teacher(dict(settings), str(tmp_path / "teachers"), progress=False)
-    assert (again, reused, calls) == (path, True, ["balanced_softmax"]), "the cached teacher was trained again"
+    again, reused = auto_teacher(dict(settings), str(tmp_path / "teachers"), x, y, counts, [0.1], [0.3])
+    assert (again, reused, calls) == (path, True, [4]), "the cached teacher was trained again"
     assert os.stat(path).st_mtime_ns == stamp
-    other, reused = auto_teacher({**settings, "width": 5}, str(tmp_path / "teachers"), progress=False)
-    assert other != path and not reused and len(calls) == 2  # other settings: another teacher
+    other, reused = auto_teacher({**settings, "width": 5}, str(tmp_path / "teachers"), x, y, counts, [0.1], [0.3])
+    assert other != path and not reused and calls == [4, 5]  # other settings: another teacher
     lab = load_labeler(path, 10, (1, 28, 28), [0.1], [0.3], 1.0)  # the cached file is a fastcbd model file
-    assert lab.probs(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    net = real(x, y, counts, settings, 56)  # the file holds the network train_auto_teacher returns
+    with torch.no_grad():
+        torch.testing.assert_close(lab.logits(x[:4]), net(x[:4]).float())
 
 
 def test_condense_cifar100_lt_rldd_relabeled_by_a_model_file(tmp_path):

@@ -90,6 +90,31 @@ def test_select_init_takes_confident_crops_of_the_class():
     assert sorted(nearest.tolist()) == [0, 1], nearest
 
 
+def test_select_init_from_real_images_by_diversity_alone():
+    """init_candidates=0, keep=1 (the cpu preset): each pick is one of the class's real images, no image twice,
+    and after the first (the most confident) each is the farthest from those already picked."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 1, 4, 4, generator=g)
+    y = torch.tensor([0] * 8 + [1] * 4)
+    pool = RealPool(x, y, 2)
+    syn = SyntheticSet.from_real(pool, 3, torch.Generator().manual_seed(0))
+    scorer = lambda z: torch.stack([z.mean(dim=(1, 2, 3)), -z.mean(dim=(1, 2, 3))], 1).softmax(1)
+    embed = lambda z: z.flatten(1)
+    select_init(pool, syn, scorer, embed, RLDDConfig(init_rounds=1, init_candidates=0, keep=1.0), seed=0)
+    real = x[:8].flatten(1)
+    picked = syn.images[syn.labels == 0].detach().flatten(1)
+    idx = [int(torch.cdist(p[None], real).argmin()) for p in picked]
+    assert torch.equal(picked, real[idx]), "a pick is not one of the real images"
+    assert len(set(idx)) == 3, idx
+    f = torch.nn.functional.normalize(real, dim=1)
+    expect = [int(scorer(x[:8])[:, 0].argmax())]
+    for _ in range(2):
+        d = torch.cdist(f, f[expect]).min(1).values
+        d[expect] = -1
+        expect.append(int(d.argmax()))
+    assert idx == expect, (idx, expect)
+
+
 class NoAug:
     """The identity augmentation: the recovery's objective is then deterministic."""
 
