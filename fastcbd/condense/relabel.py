@@ -71,6 +71,15 @@ class SoftLabeler:
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x).softmax(1)
 
+    @property
+    def has_features(self) -> bool:
+        return callable(getattr(self.net, "features", None))
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) the teacher's features (Teacher: the backbone's; Student: the projection) of x."""
+        return self.net.features(x * self.scale.to(x.device) + self.shift.to(x.device)).float().flatten(1)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch: int = 500) -> np.ndarray:
         """The teacher's own top-1 classes (uncalibrated: its accuracy as a classifier)."""

@@ -140,11 +140,19 @@ def recovery_loss(observer: nn.Module, x: torch.Tensor, y: torch.Tensor, targets
 
 
 def distill_rldd(pool: RealPool, syn: SyntheticSet, cfg: RLDDConfig, aug: DSA, seed: int, progress=None,
-                 scorer=None, times: dict | None = None) -> list[float]:
+                 scorer=None, times: dict | None = None, embed=None) -> list[float]:
     """Observer, initialisation and recovery of syn.images in place; the recovery's BN distance per
-    iteration is returned, and each stage's seconds added to `times` ('observer', 'init', 'recovery')."""
+    iteration is returned, and each stage's seconds added to `times` ('observer', 'init', 'recovery').
+
+    scorer / embed: the relabel teacher's probabilities and features (None: the observer's). Without a
+    recovery (cfg.iterations 0) and with both given, no observer is trained: the teacher scores the
+    candidates and measures their diversity."""
     times = {} if times is None else times
     t0 = time.perf_counter()
+    if cfg.iterations == 0 and scorer is not None and embed is not None:
+        select_init(pool, syn, scorer, embed, cfg, seed)
+        times["init"] = times.get("init", 0.0) + time.perf_counter() - t0
+        return []
     observer = train_observer(pool, cfg, aug, seed)
     t1 = time.perf_counter()
     times["observer"] = times.get("observer", 0.0) + t1 - t0

@@ -201,9 +201,10 @@ class Runner:
                 # the relabel teacher scores the crops of the class-level set; a group-level or within-group
                 # pool (hierarchical) has other labels, and its own observer scores them
                 scorer = self.labeler.probs if (self.labeler is not None and tag == "all") else None
+                embed = self.labeler.features if (scorer is not None and self.labeler.has_features) else None
                 with self.bar(cfg.rldd.iterations, f"rldd {tag} seed {seed}", "rldd", len(syn.labels)) as bar:
                     sub = {}
-                    distill_rldd(pool, syn, cfg.rldd, aug, s, bar, scorer, sub)
+                    distill_rldd(pool, syn, cfg.rldd, aug, s, bar, scorer, sub, embed)
                 for k, v in sub.items():
                     self.stage_times[f"rldd: {k}" + ("" if tag == "all" else f" ({tag})")] += v
             elif method == "mtt":

@@ -1,6 +1,7 @@
 """--method rldd (fastcbd/condense/rldd.py, bnstats.py): class-balanced BN statistics against a hand
 computation, the weighted batch moments, the initialisation's picks, and a recovery that lowers its loss."""
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -113,6 +114,22 @@ def test_select_init_from_real_images_by_diversity_alone():
         d[expect] = -1
         expect.append(int(d.argmax()))
     assert idx == expect, (idx, expect)
+
+
+def test_without_recovery_the_teacher_picks_and_no_observer_is_trained(monkeypatch):
+    from fastcbd.condense import rldd
+
+    monkeypatch.setattr(rldd, "train_observer", lambda *a, **k: pytest.fail("an observer was trained"))
+    g = torch.Generator().manual_seed(2)
+    pool = RealPool(torch.randn(10, 1, 4, 4, generator=g), torch.tensor([0] * 6 + [1] * 4), 2)
+    syn = SyntheticSet.from_real(pool, 2, torch.Generator().manual_seed(0))
+    scorer = lambda z: torch.full((len(z), 2), 0.5)
+    times = {}
+    cfg = RLDDConfig(iterations=0, init_candidates=0, keep=1.0, init_rounds=1)
+    assert distill_rldd(pool, syn, cfg, NoAug(), 0, scorer=scorer, times=times, embed=lambda z: z.flatten(1)) == []
+    assert set(times) == {"init"}
+    for img, label in zip(syn.images.detach(), syn.labels):  # every pick is a real image of its class
+        assert (pool.x[pool.y == label] - img).flatten(1).abs().sum(1).min() == 0
 
 
 class NoAug:
