@@ -52,3 +52,22 @@ def test_auto_picks_is_the_library_rule(monkeypatch, device):
     runner.distiller("dm", 0, None)(pool, None, 0, "all")
     assert seen == {"loop": auto_matching(torch.device(device)) == "loop"}, (device, seen)
     assert auto_matching(torch.device(device)) == ("batched" if device == "cuda" else "loop")
+
+
+def test_ablate_condense_writes_a_row_per_set_and_label_kind(tmp_path):
+    """benchmarks/ablate_condense.py at a tiny size: the teacher's row, then one per (seed, set, labels) with
+    accuracies in range; a teacher_div set holds real images of each class."""
+    from benchmarks import ablate_condense
+
+    out = tmp_path / "ablation.csv"
+    ablate_condense.main(["--teacher", "4:2", "--sets", "random", "teacher_div", "--labels", "hard", "kl2",
+                          "--repeats", "1", "--eval-steps", "2", "--csv", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["set"], r["labels"]) for r in rows] == [("teacher", ""), ("random", "hard"), ("random", "kl2"),
+                                                       ("teacher_div", "hard"), ("teacher_div", "kl2")], rows
+    for r in rows:
+        assert 0 <= float(r["all"]) <= 100 and r["split"] == "test" and r["eval_steps"] == "2", r
+    d = ablate_condense.Data("test")
+    syn = ablate_condense.build_set(d, "teacher_div", 0, ablate_condense.train_teacher(d, 4, 1))
+    for img, label in zip(syn.images.detach(), syn.labels):
+        assert (d.x[d.y == label] - img).flatten(1).abs().sum(1).min() == 0

@@ -1,0 +1,166 @@
+"""What makes relabeling and RLDD pay on MNIST-LT (rho 100, IPC 10): the ablations behind the `--relabel auto`
+teacher, the default `--relabel-tau` and the cpu preset's RLDD settings (docs/condense.md, "Soft relabeling
+and RLDD"). Each row: one synthetic-set construction x one label kind, mean over `--repeats` evaluation
+models (ConvNet-3 width 32, 300 SGD steps, the condense evaluation), per seed.
+
+    .venv/bin/python benchmarks/ablate_condense.py --split val --teacher 32:1500 --labels hard kl1 kl2 kl4 kl8
+    .venv/bin/python benchmarks/ablate_condense.py --teacher 32:1500 --seeds 3 --labels kl2 \\
+        --sets random div div+rec crops_div teacher_div
+
+Sets: random (a random real subset); conf_crops (the paper-style initialisation: confident and diverse
+crops, 8 candidates per image, the most confident half); conf_real (real images only, the confident half);
+div (real images picked for diversity alone in the observer's features); teacher_div (the same in the
+teacher's features, no observer); crops_div (crops picked for diversity alone); suffix +rec: then 100
+recovery iterations at lr_img 0.01 (+rec05: at 0.05). Labels: hard, or kl<tau> (relabeled by the teacher at
+temperature tau). Teacher W:S: a ConvNet-3 of width W (linear head) trained S steps with balanced softmax
+under DSA (the experiments; `--relabel auto` trains the same network with a cosine classifier).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import append_rows
+from fastcbd.condense.convnet import convnet_for
+from fastcbd.condense.dsa import DSA, DSAConfig
+from fastcbd.condense.pool import RealPool, channel_stats, to_tensor
+from fastcbd.condense.relabel import relabel_loss
+from fastcbd.condense.rldd import RLDDConfig, distill_rldd, select_init
+from fastcbd.condense.synthetic import SyntheticSet
+from fastcbd.data.arrays import mnist_lt
+from fastcbd.train.metrics import shot_accuracy
+
+DSA_CFG = DSAConfig(flip=False)
+KEYS = ("all", "many", "medium", "few")
+
+
+class Data:
+    def __init__(self, split: str):
+        sp = mnist_lt(100, seed=0, split=split)
+        self.mean, self.std = channel_stats(sp.x_train)
+        self.x, self.y = to_tensor(sp.x_train, self.mean, self.std), torch.from_numpy(sp.y_train)
+        self.x_test, self.y_test = to_tensor(sp.x_test, self.mean, self.std), sp.y_test
+        self.k, self.counts = sp.num_classes, sp.class_counts
+        self.pool = RealPool(self.x, self.y, self.k)
+
+
+def train_teacher(d: Data, width: int, steps: int, seed: int = 0):
+    prior = torch.tensor(d.counts, dtype=torch.float).log()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    aug = DSA(DSA_CFG, 1000 + seed)
+    net = convnet_for(tuple(d.x.shape[1:]), d.k, width, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        idx = torch.randint(0, len(d.x), (128,), generator=gen)
+        loss = F.cross_entropy(net(aug(d.x[idx], aug.draw(len(idx)))) + prior, d.y[idx])  # balanced softmax
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(d: Data, f) -> dict:
+    pred = torch.cat([f(d.x_test[i:i + 500]).argmax(1) for i in range(0, len(d.x_test), 500)]).numpy()
+    r = shot_accuracy(pred, d.y_test, d.counts)
+    return {k: r[k] for k in KEYS}
+
+
+def evaluate(d: Data, x, y, labels: str, seed: int, teacher, steps: int = 300) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    aug = DSA(DSA_CFG, seed)
+    net = convnet_for(tuple(x.shape[1:]), d.k, 32, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps // 2], 0.1)
+    for _ in range(steps):
+        idx = torch.randperm(len(x), generator=gen)[:128]
+        xb = aug(x[idx], aug.draw(len(idx)))
+        if labels == "hard":
+            loss = F.cross_entropy(net(xb), y[idx])
+        else:
+            tau = float(labels[2:])
+            with torch.no_grad():
+                p = (teacher(xb) / tau).softmax(1)
+            loss = relabel_loss(net(xb), p, tau)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return accuracy(d, net.eval())
+
+
+def build_set(d: Data, name: str, seed: int, teacher) -> SyntheticSet:
+    syn = SyntheticSet.from_real(d.pool, 10, torch.Generator().manual_seed(seed))
+    base, _, rec = name.partition("+")
+    if base == "random":
+        if rec:
+            raise ValueError("random+rec: use div+rec")
+        return syn
+    cfg = RLDDConfig(observer_steps=300, observer_batch=128, width=32, init_rounds=3,
+                     iterations=100 if rec else 0, lr_img=0.05 if rec == "rec05" else 0.01)
+    cfg.init_candidates, cfg.keep = {"conf_crops": (8, 0.5), "conf_real": (0, 0.5), "div": (0, 1.0),
+                                     "teacher_div": (0, 1.0), "crops_div": (8, 1.0)}[base]
+    scorer = lambda z: teacher(z).softmax(1)
+    if base == "teacher_div":
+        select_init(d.pool, syn, scorer, teacher.embed, cfg, seed)
+    else:
+        distill_rldd(d.pool, syn, cfg, DSA(DSA_CFG, seed), seed, scorer=scorer)
+    return syn
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--teacher", default="32:1500", help="W:S, a ConvNet-3 of width W trained S steps")
+    p.add_argument("--sets", nargs="+", default=["random", "div"])
+    p.add_argument("--labels", nargs="+", default=["hard", "kl2"])
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--eval-steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "condense_ablation.csv"))
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    d = Data(a.split)
+    t0 = time.perf_counter()
+    width, steps = (int(v) for v in a.teacher.split(":"))
+    teacher = train_teacher(d, width, steps)
+    common = {"command": "python benchmarks/ablate_condense.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "note": a.note, "split": a.split, "teacher": a.teacher, "repeats": a.repeats, "eval_steps": a.eval_steps,
+              "threads": a.threads}
+    t_acc = accuracy(d, teacher)
+    rows = [{**common, "set": "teacher", "labels": "", "seed": "", **{k: round(t_acc[k], 2) for k in KEYS},
+             "seconds": round(time.perf_counter() - t0, 1)}]
+    print(f"teacher {a.teacher}: " + "  ".join(f"{k} {t_acc[k]:.2f}" for k in KEYS), flush=True)
+    for seed in range(a.seeds):
+        for name in a.sets:
+            syn = build_set(d, name, seed, teacher)
+            x, y = syn.images.detach(), syn.labels
+            for labels in a.labels:
+                t = time.perf_counter()
+                runs = [evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps) for r in range(a.repeats)]
+                m = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in KEYS}
+                rows.append({**common, "set": name, "labels": labels, "seed": seed, **m,
+                             "seconds": round(time.perf_counter() - t, 1)})
+                print(f"seed {seed}  {name:12s} {labels:5s} " + "  ".join(f"{k} {m[k]:.2f}" for k in KEYS), flush=True)
+    append_rows(a.csv, rows)
+    print(f"rows appended to {a.csv}")
+
+
+if __name__ == "__main__":
+    main()
