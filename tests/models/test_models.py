@@ -14,6 +14,20 @@ def test_backbone_feature_dims(name, shape, dim):
     assert out.shape == (shape[0], dim) and net.out_features == dim
 
 
+def test_convnet3_is_the_condense_convnet_without_its_classifier():
+    from fastcbd.condense.convnet import ConvNet
+    from fastcbd.errors import ConfigError
+
+    net = build_backbone("convnet3", 1, width=8, image_size=[28, 28]).eval()
+    ref = ConvNet(1, 10, (28, 28), width=8).eval()
+    ref.features.load_state_dict(net.features.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref.embed(x)) and net.out_features == 8 * 3 * 3 == ref.feat_dim
+    with pytest.raises(ConfigError, match="convnet3 needs the image size"):
+        build_backbone("convnet3", 1)
+
+
 def test_resnet32_depth():
     net = build_backbone("resnet32", 3)
     convs = sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules())
