@@ -129,6 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--sets", nargs="+", default=["random", "div"])
     p.add_argument("--labels", nargs="+", default=["hard", "kl2"])
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--eval-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
@@ -147,7 +148,7 @@ def main(argv=None) -> None:
     rows = [{**common, "set": "teacher", "labels": "", "seed": "", **{k: round(t_acc[k], 2) for k in KEYS},
              "seconds": round(time.perf_counter() - t0, 1)}]
     print(f"teacher {a.teacher}: " + "  ".join(f"{k} {t_acc[k]:.2f}" for k in KEYS), flush=True)
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         for name in a.sets:
             syn = build_set(d, name, seed, teacher)
             x, y = syn.images.detach(), syn.labels

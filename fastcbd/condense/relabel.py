@@ -16,8 +16,9 @@ few times with the bias applied (a fixed point: each round divides out the remai
 calibrated soft labels' mean over the set is close to uniform.
 
 The teacher is any fastcbd model file (a teacher, a decoupled baseline, a CBD / CBD_ENS student) whose
-classes and input match the dataset, or `auto`: a balanced-softmax teacher trained on the long-tailed set
-with fastcbd's own training loop and cached under --out/teachers/<key>/model.pt (key: its settings).
+classes and input match the dataset, or `auto`: a balanced-softmax teacher (a fastcbd Teacher with the
+convnet3 backbone) trained on the long-tailed set under the evaluation's DSA augmentation
+(`train_auto_teacher`) and cached under --out/teachers/<key>/model.pt (key: its settings).
 """
 from __future__ import annotations
 
