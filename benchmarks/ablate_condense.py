@@ -10,7 +10,8 @@ models (ConvNet-3 width 32, 300 SGD steps, the condense evaluation), per seed.
 Sets: random (a random real subset); conf_crops (the paper-style initialisation: confident and diverse
 crops, 8 candidates per image, the most confident half); conf_real (real images only, the confident half);
 div (real images picked for diversity alone in the observer's features); teacher_div (the same in the
-teacher's features, no observer); crops_div (crops picked for diversity alone); suffix +rec: then 100
+teacher's features, no observer); crops_div (crops picked for diversity alone); uncertain (each class's real images the teacher is least
+sure of); suffix +rec: then 100
 recovery iterations at lr_img 0.01 (+rec05: at 0.05). Labels: hard, or kl<tau> (relabeled by the teacher at
 temperature tau). Teacher W:S: a ConvNet-3 of width W (linear head) trained S steps with balanced softmax
 under DSA (the experiments; `--relabel auto` trains the same network with a cosine classifier).
@@ -106,6 +107,14 @@ def evaluate(d: Data, x, y, labels: str, seed: int, teacher, steps: int = 300) -
 def build_set(d: Data, name: str, seed: int, teacher) -> SyntheticSet:
     syn = SyntheticSet.from_real(d.pool, 10, torch.Generator().manual_seed(seed))
     base, _, rec = name.partition("+")
+    if base == "uncertain":  # each class's real images the teacher is least sure of (exploration)
+        with torch.no_grad():
+            for c in range(d.k):
+                slots = torch.nonzero(syn.labels == c).flatten()
+                real = d.pool.x[d.pool.by_label[c]]
+                conf = teacher(real).softmax(1)[:, c]
+                syn.images.data[slots] = real[conf.argsort()[:len(slots)]]
+        return syn
     if base == "random":
         if rec:
             raise ValueError("random+rec: use div+rec")
