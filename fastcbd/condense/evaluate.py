@@ -45,24 +45,49 @@ def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cf
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [cfg.steps // 2], 0.1)
     x, targets = x.detach(), targets.detach()
-    order, pos = torch.randperm(len(x), generator=gen), 0
-    for _ in range(cfg.steps):
-        if pos >= len(x):
-            order, pos = torch.randperm(len(x), generator=gen), 0
-        idx = order[pos:pos + cfg.batch]
-        pos += cfg.batch
+
+    def epochs():  # batches of a fresh permutation each epoch
+        while True:
+            order = torch.randperm(len(x), generator=gen)
+            yield from (order[pos:pos + cfg.batch] for pos in range(0, len(x), cfg.batch))
+
+    batches = epochs()
+
+    def batch_loss() -> torch.Tensor:
+        idx = next(batches)
         xb = aug(x[idx], aug.draw(len(idx))) if (aug is not None and cfg.augment) else x[idx]
         if teacher is None:
-            loss = F.cross_entropy(net(xb), targets[idx])
-        else:
-            loss = relabel_loss(net(xb), teacher.probs(xb), teacher.tau)
+            return F.cross_entropy(net(xb), targets[idx])
+        return relabel_loss(net(xb), teacher.probs(xb), teacher.tau)
+
+    sgd_steps(opt, sched, cfg.steps, batch_loss, progress)
+    return net.eval()
+
+
+def sgd_steps(opt, sched, steps: int, batch_loss, progress=None) -> None:
+    """`steps` optimizer and scheduler steps on batch_loss() (each call: a fresh batch's loss)."""
+    for _ in range(steps):
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress is not None:
             progress.update(1)
-    return net.eval()
+
+
+def fit_balanced_softmax(net, x: torch.Tensor, y: torch.Tensor, counts, aug: DSA, opt, sched, steps: int,
+                         batch: int, gen: torch.Generator, progress=None) -> None:
+    """Train net on the long-tailed x (N, C, H, W), y (N,) with the balanced-softmax loss: instance
+    sampling (batches of `batch` drawn with replacement from gen) under the augmentation aug (what the
+    `auto` relabel teacher and the RLDD observer are trained with)."""
+    from fastcbd.train.baselines import balanced_softmax_loss
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(len(y), (min(batch, len(y)),), generator=gen).to(x.device)
+        return balanced_softmax_loss(net(aug(x[idx], aug.draw(len(idx)))), y[idx], counts)
+
+    sgd_steps(opt, sched, steps, batch_loss, progress)
 
 
 @torch.no_grad()

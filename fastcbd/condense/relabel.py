@@ -163,8 +163,8 @@ def train_auto_teacher(x: torch.Tensor, y: torch.Tensor, counts, settings: dict,
     sampling and the evaluation's DSA augmentation: SGD momentum 0.9, weight decay 5e-4, lr settings['lr']
     on a cosine schedule, settings['steps'] steps of settings['batch'] images."""
     from fastcbd.condense.dsa import DSA, DSAConfig
+    from fastcbd.condense.evaluate import fit_balanced_softmax
     from fastcbd.models import Teacher
-    from fastcbd.train.baselines import balanced_softmax_loss
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -174,15 +174,7 @@ def train_auto_teacher(x: torch.Tensor, y: torch.Tensor, counts, settings: dict,
     opt = torch.optim.SGD(net.parameters(), lr=settings["lr"], momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings["steps"])
     net.train()
-    for _ in range(settings["steps"]):
-        idx = torch.randint(len(y), (min(settings["batch"], len(y)),), generator=gen).to(x.device)
-        loss = balanced_softmax_loss(net(aug(x[idx], aug.draw(len(idx)))), y[idx], counts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress.update(1)
+    fit_balanced_softmax(net, x, y, counts, aug, opt, sched, settings["steps"], settings["batch"], gen, progress)
     return net.eval()
 
 

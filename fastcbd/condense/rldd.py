@@ -27,6 +27,7 @@ from torch import nn
 from fastcbd.condense.bnstats import batch_stats, class_weights, recalibrate_bn
 from fastcbd.condense.convnet import convnet_for
 from fastcbd.condense.dsa import DSA, DSAConfig
+from fastcbd.condense.evaluate import fit_balanced_softmax
 from fastcbd.condense.pool import RealPool
 from fastcbd.condense.synthetic import SyntheticSet
 
@@ -49,24 +50,13 @@ class RLDDConfig:
 def train_observer(pool: RealPool, cfg: RLDDConfig, aug: DSA, seed: int, progress=None) -> nn.Module:
     """ConvNet-3 (batch norm) trained with the balanced-softmax loss on the pool (instance sampling, DSA
     augmentation, SGD momentum 0.9, lr / 10 halfway), then its BN statistics made class-balanced."""
-    from fastcbd.train.baselines import balanced_softmax_loss
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = convnet_for(tuple(pool.x.shape[1:]), pool.num_labels, cfg.width, cfg.depth, norm="batch").to(pool.x.device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.observer_lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [cfg.observer_steps // 2], 0.1)
-    counts = pool.counts
-    for _ in range(cfg.observer_steps):
-        idx = torch.randint(len(pool.y), (min(cfg.observer_batch, len(pool.y)),), generator=gen)
-        xb = aug(pool.x[idx], aug.draw(len(idx)))
-        loss = balanced_softmax_loss(net(xb), pool.y[idx], counts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress.update(1)
+    fit_balanced_softmax(net, pool.x, pool.y, pool.counts, aug, opt, sched, cfg.observer_steps, cfg.observer_batch,
+                         gen, progress)
     recalibrate_bn(net, pool.x, pool.y, pool.num_labels)
     for p in net.parameters():
         p.requires_grad_(False)
