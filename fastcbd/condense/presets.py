@@ -26,8 +26,8 @@ CPU = {
     "mtt": {"num_experts": 2, "expert_epochs_train": 6, "iterations": 50, "syn_steps": 10, "expert_epochs": 2,
             "max_start_epoch": 3, "lr_img": 100.0},
     # rldd on 28x28 digits: candidates are the real images (a crop loses strokes), picked for diversity alone
-    # (confidence picks the typical ones), without the recovery (it lowered accuracy in every seed measured; lr_img
-    # 0.01 is the gentler rate for --iterations N): the ablation in docs/condense.md
+    # (confidence picks the typical ones), without the recovery (it lowered relabeled accuracy in every seed
+    # measured; lr_img 0.01 is the gentler rate for --iterations N): the ablation in docs/condense.md
     "rldd": {"observer_steps": 300, "observer_batch": 128, "iterations": 0, "init_rounds": 3, "init_candidates": 0,
              "keep": 1.0, "lr_img": 0.01},
     "eval": {"repeats": 2, "steps": 80, "batch": 128},
