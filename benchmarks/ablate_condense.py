@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from benchmarks.harness import append_rows
 from fastcbd.condense.convnet import convnet_for
 from fastcbd.condense.dsa import DSA, DSAConfig
+from fastcbd.condense.evaluate import EvalConfig, sgd_steps, train_classifier
 from fastcbd.condense.pool import RealPool, channel_stats, to_tensor
-from fastcbd.condense.relabel import relabel_loss
+from fastcbd.condense.relabel import SoftLabeler
 from fastcbd.condense.rldd import RLDDConfig, distill_rldd, select_init
 from fastcbd.condense.synthetic import SyntheticSet
 from fastcbd.data.arrays import mnist_lt
@@ -63,13 +64,12 @@ def train_teacher(d: Data, width: int, steps: int, seed: int = 0):
     net = convnet_for(tuple(d.x.shape[1:]), d.k, width, 3)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(d.x), (128,), generator=gen)
-        loss = F.cross_entropy(net(aug(d.x[idx], aug.draw(len(idx)))) + prior, d.y[idx])  # balanced softmax
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        return F.cross_entropy(net(aug(d.x[idx], aug.draw(len(idx)))) + prior, d.y[idx])  # balanced softmax
+
+    sgd_steps(opt, sched, steps, batch_loss)
     return net.eval()
 
 
@@ -81,27 +81,12 @@ def accuracy(d: Data, f) -> dict:
 
 
 def evaluate(d: Data, x, y, labels: str, seed: int, teacher, steps: int = 300) -> dict:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    aug = DSA(DSA_CFG, seed)
-    net = convnet_for(tuple(x.shape[1:]), d.k, 32, 3)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps // 2], 0.1)
-    for _ in range(steps):
-        idx = torch.randperm(len(x), generator=gen)[:128]
-        xb = aug(x[idx], aug.draw(len(idx)))
-        if labels == "hard":
-            loss = F.cross_entropy(net(xb), y[idx])
-        else:
-            tau = float(labels[2:])
-            with torch.no_grad():
-                p = (teacher(xb) / tau).softmax(1)
-            loss = relabel_loss(net(xb), p, tau)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return accuracy(d, net.eval())
+    """The condense evaluation (train_classifier: ConvNet-3 width 32, batches of 128, DSA) with the stored
+    labels (hard) or relabeled by the teacher at temperature tau (kl<tau>)."""
+    lab = None if labels == "hard" else SoftLabeler(teacher, float(labels[2:]), [0.0], [1.0])
+    net = train_classifier(x, y, d.k, EvalConfig(steps=steps, batch=128, width=32), seed, DSA(DSA_CFG, seed),
+                           teacher=lab)
+    return accuracy(d, net)
 
 
 def build_set(d: Data, name: str, seed: int, teacher) -> SyntheticSet:
