@@ -6,6 +6,7 @@ that cannot run raises with the reason (the saved import error, or the device mi
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -64,8 +65,15 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
 
 
 def select(device: torch.device) -> str:
-    """The backend to use for tensors on `device`."""
-    name = requested()
+    """The backend to use for tensors on `device` (FASTCBD_BACKEND read now; the answer cached per value)."""
+    return _select(requested(), device.type, _triton_interpret())
+
+
+@functools.lru_cache(maxsize=64)
+def _select(name: str, device_type: str, _interpret: bool) -> str:
+    # everything why_unavailable reads is fixed for the process once imported, except the two variables
+    # in the key: FASTCBD_BACKEND and TRITON_INTERPRET (which only matters before triton's import)
+    device = torch.device(device_type)
     if name == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         for candidate in order:

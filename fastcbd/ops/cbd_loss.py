@@ -56,12 +56,14 @@ def _forward(p, w, target, teachers, alpha, beta, sigma, compute_grad, chunk_siz
 _T = torch.Tensor
 
 
-@torch.library.custom_op("fastcbd::cbd_loss", mutates_args=())
-def _cbd_loss_op(p: _T, w: _T, target: _T, teachers: list[_T], alpha: float, beta: float, sigma: float,
-                 compute_grad: bool, chunk_size: int) -> tuple[_T, _T, _T, _T, _T]:
+def _impl(p: _T, w: _T, target: _T, teachers: list[_T], alpha: float, beta: float, sigma: float,
+          compute_grad: bool, chunk_size: int) -> tuple[_T, _T, _T, _T, _T]:
     loss, ce, distill, grad_p, grad_w = _forward(p, w, target, teachers, alpha, beta, sigma, compute_grad,
                                                  chunk_size)
     return loss, ce, distill, grad_p, grad_w
+
+
+_cbd_loss_op = torch.library.custom_op("fastcbd::cbd_loss", _impl, mutates_args=())
 
 
 @_cbd_loss_op.register_fake
@@ -96,6 +98,7 @@ def _backward(ctx, grad_loss, _g_ce, _g_distill, _g_grad_p, _g_grad_w):
 
 
 torch.library.register_autograd("fastcbd::cbd_loss", _backward, setup_context=_setup_context)
+_Eager = _common.eager_autograd("CBDLoss", _impl, _setup_context, _backward)
 
 
 def cbd_loss(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, teachers: list[torch.Tensor], *,
@@ -110,6 +113,6 @@ def cbd_loss(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, teachers: l
     chunk_size: rows per CE chunk, 0 = automatic.
     """
     _common.check_target(target, w.shape[0], IGNORE_INDEX)
-    loss, ce, distill, _, _ = _cbd_loss_op(p, w, target, list(teachers), float(alpha), float(beta),
-                                           float(sigma), _common.needs_grad(p, w), int(chunk_size))
+    loss, ce, distill, _, _ = _common.run_op(_cbd_loss_op, _Eager, p, w, target, list(teachers), float(alpha),
+                                             float(beta), float(sigma), _common.needs_grad(p, w), int(chunk_size))
     return (loss, ce, distill) if return_parts else loss

@@ -310,11 +310,13 @@ def _forward(p, w, target, sigma, ignore_index, label_smoothing, mean, compute_g
                             compiled_fwd=compiled, torch_fwd=lambda: _fused_fwd(*args, use_triton=False))
 
 
-@torch.library.custom_op("fastcbd::cosine_ce", mutates_args=())
-def _cosine_ce_op(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, sigma: float, ignore_index: int,
-                  label_smoothing: float, mean: bool, compute_grad: bool,
-                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _impl(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, sigma: float, ignore_index: int,
+          label_smoothing: float, mean: bool, compute_grad: bool,
+          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(p, w, target, sigma, ignore_index, label_smoothing, mean, compute_grad, chunk_size)
+
+
+_cosine_ce_op = torch.library.custom_op("fastcbd::cosine_ce", _impl, mutates_args=())
 
 
 @_cosine_ce_op.register_fake
@@ -343,6 +345,7 @@ def _backward(ctx, grad_loss, _gp, _gw):
 
 
 torch.library.register_autograd("fastcbd::cosine_ce", _backward, setup_context=_setup_context)
+_Eager = _common.eager_autograd("CosineCE", _impl, _setup_context, _backward)
 
 
 def cosine_ce(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, *, sigma: float = 20.0,
@@ -363,6 +366,7 @@ def cosine_ce(p: torch.Tensor, w: torch.Tensor, target: torch.Tensor, *, sigma: 
         with _common.no_autocast(p.device):
             return cosine_ce_ref(p.float(), w.float(), target.long(), sigma=sigma, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, reduction="none")
-    loss, _, _ = _cosine_ce_op(p, w, target, float(sigma), int(ignore_index), float(label_smoothing),
-                               reduction == "mean", _common.needs_grad(p, w), int(chunk_size))
+    loss, _, _ = _common.run_op(_cosine_ce_op, _Eager, p, w, target, float(sigma), int(ignore_index),
+                                float(label_smoothing), reduction == "mean", _common.needs_grad(p, w),
+                                int(chunk_size))
     return loss

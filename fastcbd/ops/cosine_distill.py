@@ -161,11 +161,12 @@ def _forward(p, teachers, compute_grad: bool):
         torch_fwd=lambda: _torch_fwd(p, teachers, scale, compute_grad))
 
 
-@torch.library.custom_op("fastcbd::cosine_distill", mutates_args=())
-def _cosine_distill_op(p: torch.Tensor, teachers: list[torch.Tensor],
-                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _impl(p: torch.Tensor, teachers: list[torch.Tensor], compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     loss, grad = _forward(p, teachers, compute_grad)
     return loss, grad
+
+
+_cosine_distill_op = torch.library.custom_op("fastcbd::cosine_distill", _impl, mutates_args=())
 
 
 @_cosine_distill_op.register_fake
@@ -192,6 +193,7 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 torch.library.register_autograd("fastcbd::cosine_distill", _backward, setup_context=_setup_context)
+_Eager = _common.eager_autograd("CosineDistill", _impl, _setup_context, _backward)
 
 
 def cosine_distill(p: torch.Tensor, teachers: list[torch.Tensor]) -> torch.Tensor:
@@ -200,5 +202,5 @@ def cosine_distill(p: torch.Tensor, teachers: list[torch.Tensor]) -> torch.Tenso
     p (B, D) fp32/bf16/fp16, differentiable; teachers K x (B, D_k) with sum_k D_k = D, no gradient
     (inference-mode tensors are fine). Shapes are not checked here (see fastcbd.functional).
     """
-    loss, _ = _cosine_distill_op(p, list(teachers), _common.needs_grad(p))
+    loss, _ = _common.run_op(_cosine_distill_op, _Eager, p, list(teachers), _common.needs_grad(p))
     return loss

@@ -153,11 +153,13 @@ def _forward(z, teachers, weights, tau: float, compute_grad: bool):
         torch_fwd=lambda: _torch_fwd(z, teachers, weights, tau, scale, compute_grad))
 
 
-@torch.library.custom_op("fastcbd::multi_teacher_kd", mutates_args=())
-def _multi_teacher_kd_op(z: torch.Tensor, teacher_logits: list[torch.Tensor], weights: torch.Tensor,
-                         tau: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _impl(z: torch.Tensor, teacher_logits: list[torch.Tensor], weights: torch.Tensor, tau: float,
+          compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     loss, grad = _forward(z, teacher_logits, weights, tau, compute_grad)
     return loss, grad
+
+
+_multi_teacher_kd_op = torch.library.custom_op("fastcbd::multi_teacher_kd", _impl, mutates_args=())
 
 
 @_multi_teacher_kd_op.register_fake
@@ -184,6 +186,7 @@ def _backward(ctx, grad_loss, _grad_grad):
 
 
 torch.library.register_autograd("fastcbd::multi_teacher_kd", _backward, setup_context=_setup_context)
+_Eager = _common.eager_autograd("MultiTeacherKD", _impl, _setup_context, _backward)
 
 
 def multi_teacher_kd(z: torch.Tensor, teacher_logits: list[torch.Tensor], *, tau: float = 4.0,
@@ -199,5 +202,5 @@ def multi_teacher_kd(z: torch.Tensor, teacher_logits: list[torch.Tensor], *, tau
         w = torch.full((K,), 1.0 / K, dtype=torch.float32, device=z.device)
     else:
         w = torch.as_tensor(weights, dtype=torch.float32, device=z.device).detach().reshape(K)
-    loss, _ = _multi_teacher_kd_op(z, teachers, w, float(tau), _common.needs_grad(z))
+    loss, _ = _common.run_op(_multi_teacher_kd_op, _Eager, z, teachers, w, float(tau), _common.needs_grad(z))
     return loss

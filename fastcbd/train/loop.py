@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from fastcbd.errors import ConfigError
+from fastcbd.ops._common import trusted_targets
 from fastcbd.train import distributed as D
 from fastcbd.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from fastcbd.train.config import OptimConfig
@@ -237,7 +238,7 @@ def fit(model: torch.nn.Module, step_fn, loader, sampler, cfg: OptimConfig, *, p
                     opt.zero_grad(set_to_none=True)
                 last_micro = (micro + 1) % accum == 0 or micro + 1 >= micro_per_epoch
                 with ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext():
-                    with autocast_context(device, amp):
+                    with autocast_context(device, amp), trusted_targets(device.type == "cuda"):
                         loss, logs = run_step(x, y)
                     scaled = loss / group if group > 1 else loss
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -306,3 +306,21 @@ def test_fp16_elementwise_check_catches_fp16_dlogits(fp16_truth):
     row, elem = relative_errors(gp, fp16_truth[0])
     assert row > FP16_ROW_RTOL or elem > FP16_ELEM_RTOL, (
         f"fp16 dL/dS gives grad_p errors {row:.3g} (rows) / {elem:.3g} (elements): the check cannot see it")
+
+
+def test_trusted_targets_skips_only_the_range_check():
+    """Inside trusted_targets() a bad target is not read on the host: it reaches the op, which masks its row
+    to NaN; outside (and after the block) the ValueError is back; shape and dtype are still checked."""
+    p, w, target, teachers = _classifier(B=5, C=9, seed=5)
+    bad = target.clone()
+    bad[2] = 9
+    with _common.trusted_targets():
+        loss = cbd_loss.cbd_loss(p, w, bad, teachers)
+        assert loss.isnan().item(), f"a bad target under trusted_targets gave a finite loss {loss.item()}"
+        with pytest.raises(ValueError, match="1-D int64"):
+            cbd_loss.cbd_loss(p, w, bad.float(), teachers)
+        with _common.trusted_targets(False):
+            with pytest.raises(ValueError, match=r"target\[2\] = 9 is outside"):
+                cosine_ce.cosine_ce(p, w, bad)
+    with pytest.raises(ValueError, match=r"target\[2\] = 9 is outside"):
+        cbd_loss.cbd_loss(p, w, bad, teachers)

@@ -318,6 +318,32 @@ def test_targets_on_the_gpu(monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_trusted_targets_make_the_losses_sync_free(monkeypatch, name):
+    """fastcbd's loop runs its CUDA steps under trusted_targets(): forward and backward of cbd_loss and
+    cosine_ce then never wait for the GPU (torch's sync debug mode raises on any synchronising call); without
+    it the range check is the one sync."""
+    use_backend(monkeypatch, name, "cosine_ce", device="cuda")
+    use_backend(monkeypatch, name, "cbd_loss", device="cuda")
+    x = _inputs()
+    p, w, target, teachers = x["p"].requires_grad_(), x["w"].requires_grad_(), x["target"], x["teachers"]
+
+    def step():
+        loss = cbd_loss.cbd_loss(p, w, target, teachers) + cosine_ce.cosine_ce(p, w, target)
+        return torch.autograd.grad(loss, [p, w])
+
+    step()  # warm-up: kernels compiled, caches filled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with _common.trusted_targets():
+            step()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            cbd_loss.cbd_loss(p, w, target, teachers)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_kd_minus_inf_teacher_logits(monkeypatch, name):
     use_backend(monkeypatch, name, "multi_teacher_kd", device="cuda")
     z, teachers = (t.to(DEVICE) if isinstance(t, torch.Tensor) else [u.to(DEVICE) for u in t] for t in _kd_inputs())
