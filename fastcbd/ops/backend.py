@@ -75,7 +75,8 @@ def _select(name: str, device_type: str, _interpret: bool) -> str:
     # in the key: FASTCBD_BACKEND and TRITON_INTERPRET (which only matters before triton's import)
     device = torch.device(device_type)
     if name == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        # CUDA before Triton: faster in 9 of 10 H200 rows of bench_loss (docs/ops.md, "Backend auto")
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for candidate in order:
             if why_unavailable(candidate, device) is None:
                 return candidate
