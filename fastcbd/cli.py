@@ -318,7 +318,7 @@ def cmd_condense(args) -> None:
     for flag, section, key in (("iterations", cfg.dm, "iterations"), ("iterations", cfg.gm, "iterations"),
                                ("iterations", cfg.mtt, "iterations"), ("iterations", cfg.rldd, "iterations"),
                                ("evals", cfg.eval, "repeats"),
-                               ("eval_steps", cfg.eval, "steps")):
+                               ("eval_steps", cfg.eval, "steps"), ("eval_workers", cfg.eval, "workers")):
         if getattr(args, flag) is not None:
             setattr(section, key, getattr(args, flag))
     cfg.mtt.constant_memory = args.constant_memory
@@ -330,6 +330,10 @@ def cmd_condense(args) -> None:
         from fastcbd.errors import ConfigError
 
         raise ConfigError(f"--relabel-tau {args.relabel_tau}: must be positive")
+    if args.eval_workers is not None and args.eval_workers < 1:
+        from fastcbd.errors import ConfigError
+
+        raise ConfigError(f"--eval-workers {args.eval_workers}: must be at least 1")
     t0 = time.perf_counter()
     results = run_condense(cfg, args.out, progress=not args.no_progress)
     from fastcbd.condense.outputs import results_markdown
@@ -432,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="distillation seeds (default 1)")
     p.add_argument("--evals", type=int, help="evaluation models per synthetic set (preset: paper 5, cpu 2)")
     p.add_argument("--eval-steps", type=int, help="SGD steps of each evaluation model")
+    p.add_argument("--eval-workers", type=int,
+                   help="evaluation models of a set trained at once, in threads (default 1; with --threads 1, the "
+                   "number of cores): the same results as one after another")
     p.add_argument("--iterations", type=int, help="distillation iterations (DM), networks (DSA) or MTT iterations")
     p.add_argument("--width", type=int, help="ConvNet-3 width (preset: paper 128, cpu 32)")
     p.add_argument("--preset", default="auto", choices=["auto", "paper", "cpu"],

@@ -7,6 +7,8 @@ than the batch, a step is an epoch.
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +33,10 @@ class EvalConfig:
     augment: bool = True
     width: int = 128
     depth: int = 3
+    workers: int = 1  # models of a set trained at once, in threads (train_classifiers): the same results
+
+
+_INIT = threading.Lock()  # a model's initial weights come from the global RNG, seeded just before
 
 
 def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cfg: EvalConfig, seed: int,
@@ -39,9 +45,10 @@ def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cf
 
     teacher (relabel.SoftLabeler or LabelView): the targets are ignored and each augmented batch is
     labelled by teacher.probs (the relabel loss, relabel.py)."""
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = convnet_for(tuple(x.shape[1:]), num_labels, cfg.width, cfg.depth).to(x.device)
+    with _INIT:
+        torch.manual_seed(seed)
+        net = convnet_for(tuple(x.shape[1:]), num_labels, cfg.width, cfg.depth).to(x.device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [cfg.steps // 2], 0.1)
     x, targets = x.detach(), targets.detach()
@@ -62,6 +69,37 @@ def train_classifier(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cf
 
     sgd_steps(opt, sched, cfg.steps, batch_loss, progress)
     return net.eval()
+
+
+def train_classifiers(x: torch.Tensor, targets: torch.Tensor, num_labels: int, cfg: EvalConfig, seeds: list[int],
+                      aug: DSA | None, progress=None, teacher=None) -> list[ConvNet]:
+    """train_classifier for each seed, as one after another (aug's draws continuing from model to model).
+
+    With cfg.workers > 1, up to that many train at once in threads (torch releases the GIL in its kernels:
+    two single-threaded models use two cores, where one model's convolutions scale poorly over two
+    threads). Each model gets a copy of aug whose generator is advanced to where the sequential run would
+    start it, and aug ends where that run would leave it, so the models are the same bit for bit."""
+    if cfg.workers <= 1 or len(seeds) <= 1:
+        return [train_classifier(x, targets, num_labels, cfg, s, aug, progress, teacher) for s in seeds]
+    augs = [aug] * len(seeds)
+    if aug is not None and cfg.augment:
+        per_epoch = [min(cfg.batch, len(x) - pos) for pos in range(0, len(x), cfg.batch)]
+        sizes = [per_epoch[i % len(per_epoch)] for i in range(cfg.steps)]  # the batches epochs() yields
+        state, augs = aug.generator.get_state(), []
+        for _ in seeds:
+            own = DSA(aug.cfg)
+            own.generator.set_state(state)
+            augs.append(own)
+            scratch = DSA(aug.cfg)
+            scratch.generator.set_state(state)
+            for n in sizes:
+                scratch.draw(n)
+            state = scratch.generator.get_state()
+        aug.generator.set_state(state)
+    with ThreadPoolExecutor(min(cfg.workers, len(seeds)), thread_name_prefix="fastcbd-eval") as pool:
+        futures = [pool.submit(train_classifier, x, targets, num_labels, cfg, s, a, progress, teacher)
+                   for s, a in zip(seeds, augs)]
+        return [f.result() for f in futures]
 
 
 def sgd_steps(opt, sched, steps: int, batch_loss, progress=None) -> None:

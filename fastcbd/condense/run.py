@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fastcbd.condense.dm import DMConfig, distill_dm
 from fastcbd.condense.dsa import DSA, DSAConfig
 from fastcbd.condense.eta import RunClock, plan
-from fastcbd.condense.evaluate import EvalConfig, predict, summarize, train_classifier
+from fastcbd.condense.evaluate import EvalConfig, predict, summarize, train_classifiers
 from fastcbd.condense.gm import GMConfig, distill_gm
 from fastcbd.condense.grouping import (
     class_means,
@@ -162,8 +162,8 @@ class Runner:
                 if suffix == "@calibrated":
                     self.labeler.calibrate(x, aug)
                 try:
-                    for r in range(ecfg.repeats):
-                        net = train_classifier(x, t, self.num_classes, ecfg, seed * 100 + r, aug, bar, teacher)
+                    seeds = [seed * 100 + r for r in range(ecfg.repeats)]
+                    for net in train_classifiers(x, t, self.num_classes, ecfg, seeds, aug, bar, teacher):
                         self.record(name + suffix, predict(net, self.x_test))
                         first = first if first is not None else net
                 finally:
