@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +128,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--eval-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="a set's evaluation models trained at once in threads (each has its own augmentation seed: "
+                   "the same results)")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "condense_ablation.csv"))
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
@@ -142,13 +146,15 @@ def main(argv=None) -> None:
     rows = [{**common, "set": "teacher", "labels": "", "seed": "", **{k: round(t_acc[k], 2) for k in KEYS},
              "seconds": round(time.perf_counter() - t0, 1)}]
     print(f"teacher {a.teacher}: " + "  ".join(f"{k} {t_acc[k]:.2f}" for k in KEYS), flush=True)
+    run_all = ThreadPoolExecutor(a.workers).map if a.workers > 1 else map
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         for name in a.sets:
             syn = build_set(d, name, seed, teacher)
             x, y = syn.images.detach(), syn.labels
             for labels in a.labels:
                 t = time.perf_counter()
-                runs = [evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps) for r in range(a.repeats)]
+                runs = list(run_all(lambda r: evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps),
+                                    range(a.repeats)))
                 m = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in KEYS}
                 rows.append({**common, "set": name, "labels": labels, "seed": seed, **m,
                              "seconds": round(time.perf_counter() - t, 1)})

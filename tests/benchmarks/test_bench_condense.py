@@ -71,3 +71,17 @@ def test_ablate_condense_writes_a_row_per_set_and_label_kind(tmp_path):
     syn = ablate_condense.build_set(d, "teacher_div", 0, ablate_condense.train_teacher(d, 4, 1))
     for img, label in zip(syn.images.detach(), syn.labels):
         assert (d.x[d.y == label] - img).flatten(1).abs().sum(1).min() == 0
+
+
+def test_ablate_condense_workers_give_the_same_rows(tmp_path):
+    """--workers 2 trains a set's models in threads: every accuracy equals the one-after-another run's."""
+    from benchmarks import ablate_condense
+
+    rows = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.csv"
+        ablate_condense.main(["--teacher", "4:2", "--sets", "random", "--labels", "hard", "kl2", "--repeats", "2",
+                              "--eval-steps", "3", "--workers", str(workers), "--csv", str(out)])
+        rows[workers] = [{k: r[k] for k in ("set", "labels", "all", "many", "medium", "few")}
+                         for r in csv.DictReader(out.open())]
+    assert rows[1] == rows[2] and len(rows[1]) == 3, rows
