@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 EPS = 1e-12  # norms are clamped below at EPS, as in F.normalize
+GRAD_BLOCK_ELEMS = 4 << 20  # scale_saved_grad's rows per block: 16 MiB of fp32 at most in flight
 
 # Callables (kernel, grid, args, kwargs) run before every Triton launch; one that returns True skips the
 # launch. The tests use this to compile each kernel for a GPU target on a machine without a GPU.
@@ -64,9 +65,14 @@ def scale_saved_grad(saved: torch.Tensor, grad_out: torch.Tensor, dtype: torch.d
         return saved
     if saved.dtype == dtype:
         return saved * grad_out
-    # bf16/fp16 inputs: multiplied in fp32 and written in `dtype` at once, without an fp32 temporary of the
-    # whole gradient (at iNat18 size the (C, D) temporary alone was 266 MB, the peak of the bf16 step)
-    return torch.mul(saved, grad_out, out=torch.empty_like(saved, dtype=dtype))
+    # bf16/fp16 inputs: multiplied in fp32 and written in `dtype` a block of rows at a time. In one piece the
+    # fp32 product of the whole gradient was a temporary (266 MB at iNat18 size, the bf16 step's peak); an
+    # `out=` of another dtype still makes one on the CPU (TensorIterator casts through a common-dtype copy)
+    out = torch.empty_like(saved, dtype=dtype)  # saved: an (N, ...) gradient
+    rows = max(1, GRAD_BLOCK_ELEMS // max(1, saved[0].numel())) if len(saved) else 1
+    for r0 in range(0, len(saved), rows):
+        torch.mul(saved[r0:r0 + rows], grad_out, out=out[r0:r0 + rows])
+    return out
 
 
 def _plain_eager(t: torch.Tensor) -> bool:
