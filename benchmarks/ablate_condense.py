@@ -129,8 +129,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1,
-                   help="a set's evaluation models trained at once in threads (each has its own augmentation seed: "
-                   "the same results)")
+                   help="a set's evaluation models trained at once in threads (each has its own "
+                   "augmentation seed: the same results)")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "condense_ablation.csv"))
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
@@ -146,19 +146,22 @@ def main(argv=None) -> None:
     rows = [{**common, "set": "teacher", "labels": "", "seed": "", **{k: round(t_acc[k], 2) for k in KEYS},
              "seconds": round(time.perf_counter() - t0, 1)}]
     print(f"teacher {a.teacher}: " + "  ".join(f"{k} {t_acc[k]:.2f}" for k in KEYS), flush=True)
-    run_all = ThreadPoolExecutor(a.workers).map if a.workers > 1 else map
-    for seed in range(a.first_seed, a.first_seed + a.seeds):
-        for name in a.sets:
-            syn = build_set(d, name, seed, teacher)
-            x, y = syn.images.detach(), syn.labels
-            for labels in a.labels:
-                t = time.perf_counter()
-                runs = list(run_all(lambda r: evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps),
-                                    range(a.repeats)))
-                m = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in KEYS}
-                rows.append({**common, "set": name, "labels": labels, "seed": seed, **m,
-                             "seconds": round(time.perf_counter() - t, 1)})
-                print(f"seed {seed}  {name:12s} {labels:5s} " + "  ".join(f"{k} {m[k]:.2f}" for k in KEYS), flush=True)
+    with ThreadPoolExecutor(max(1, a.workers)) as pool:  # one worker: one model after another
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
+            for name in a.sets:
+                syn = build_set(d, name, seed, teacher)
+                x, y = syn.images.detach(), syn.labels
+                for labels in a.labels:
+                    t = time.perf_counter()
+                    def one(r, x=x, y=y, labels=labels, seed=seed):
+                        return evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps)
+
+                    runs = list(pool.map(one, range(a.repeats)))
+                    m = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in KEYS}
+                    rows.append({**common, "set": name, "labels": labels, "seed": seed, **m,
+                                 "seconds": round(time.perf_counter() - t, 1)})
+                    scores = "  ".join(f"{k} {m[k]:.2f}" for k in KEYS)
+                    print(f"seed {seed}  {name:12s} {labels:5s} {scores}", flush=True)
     append_rows(a.csv, rows)
     print(f"rows appended to {a.csv}")
 

@@ -34,7 +34,7 @@ GRAD_BLOCK_ELEMS = 4 << 20  # scale_saved_grad's rows per block: 16 MiB of fp32 
 LAUNCH_HOOKS: list[Callable] = []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_compiled(op: str) -> bool:
     """True when fastcbd._C imported and registered torch.ops.fastcbd_C.<op>_fwd (fixed for the process)."""
     from fastcbd import _ext

@@ -23,7 +23,7 @@ def _weights(nets):
 def test_threads_give_the_sequential_models_bit_for_bit(augment, teacher):
     x, y = _set()
     # batch 4 of 10 images: epochs of 4, 4, 2 (the draw sizes the generator is advanced by must follow them)
-    base = dict(repeats=3, steps=7, batch=4, width=8, depth=2, augment=augment)
+    base = {"repeats": 3, "steps": 7, "batch": 4, "width": 8, "depth": 2, "augment": augment}
     labeler = None
     if teacher:
         torch.manual_seed(1)

@@ -1,6 +1,8 @@
 """fastcbd.data.batch_resize: batched random-resized crops equal torchvision's per-image resized_crop."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +66,7 @@ def test_chunks_bound_the_memory_and_keep_the_order(monkeypatch):
     monkeypatch.setattr(batch_resize, "CHUNK_BYTES", limit)
     parts = batch_resize._chunks(rows, 3)
     assert len(parts) >= 2 and parts[0].start == 0 and parts[-1].stop == 9
-    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
     for part in parts:
         sel = rows[part]
         padded = len(sel) * 3 * max(r[2] for r in sel) * max(r[3] for r in sel) * 4
