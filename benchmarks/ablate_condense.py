@@ -6,15 +6,19 @@ models (ConvNet-3 width 32, 300 SGD steps, the condense evaluation), per seed.
     .venv/bin/python benchmarks/ablate_condense.py --split val --teacher 32:1500 --labels hard kl1 kl2 kl4 kl8
     .venv/bin/python benchmarks/ablate_condense.py --teacher 32:1500 --seeds 3 --labels kl2 \\
         --sets random div div+rec crops_div teacher_div
+    .venv/bin/python benchmarks/ablate_condense.py --seeds 3 --labels kl2 --sets random random_bal real40_bal pool_bal
 
 Sets: random (a random real subset); conf_crops (the paper-style initialisation: confident and diverse
 crops, 8 candidates per image, the most confident half); conf_real (real images only, the confident half);
 div (real images picked for diversity alone in the observer's features); teacher_div (the same in the
-teacher's features, no observer); crops_div (crops picked for diversity alone); uncertain (each class's real images the teacher is least
-sure of); suffix +rec: then 100
-recovery iterations at lr_img 0.01 (+rec05: at 0.05). Labels: hard, or kl<tau> (relabeled by the teacher at
-temperature tau). Teacher W:S: a ConvNet-3 of width W (linear head) trained S steps with balanced softmax
-under DSA (the experiments; `--relabel auto` trains the same network with a cosine classifier).
+teacher's features, no observer); crops_div (crops picked for diversity alone); uncertain (each class's real
+images the teacher is least sure of); suffix +rec: then 100 recovery iterations at lr_img 0.01 (+rec05: at
+0.05). The headroom of the images (what any 10 images per class could add at most): real<N> (a random real
+subset of N per class, tail rule as usual) and pool (every real image); suffix _bal evaluates a set
+class-balanced (each class's images repeated to the largest class's count, so that the epochs draw the
+classes equally; random_bal is the control at 10 per class). Labels: hard, or kl<tau> (relabeled by the
+teacher at temperature tau). Teacher W:S: a ConvNet-3 of width W (linear head) trained S steps with balanced
+softmax under DSA (the experiments; `--relabel auto` trains the same network with a cosine classifier).
 """
 from __future__ import annotations
 
@@ -90,7 +94,20 @@ def evaluate(d: Data, x, y, labels: str, seed: int, teacher, steps: int = 300) -
     return accuracy(d, net)
 
 
+def balance_by_repeat(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label's rows repeated (cyclically) to the largest label's count: epochs of the result draw the
+    labels equally, the images of a label each as often as the others of that label (within one)."""
+    counts = torch.bincount(y)
+    top = int(counts.max())
+    rows = [torch.nonzero(y == c).flatten() for c in range(len(counts)) if counts[c] > 0]
+    idx = torch.cat([r.repeat((top + len(r) - 1) // len(r))[:top] for r in rows])
+    return x[idx], y[idx]
+
+
 def build_set(d: Data, name: str, seed: int, teacher) -> SyntheticSet:
+    if name.startswith(("real", "pool")):  # headroom sets: real<N> per class, or the whole pool
+        per = int(name[4:]) if name.startswith("real") else max(d.counts)
+        return SyntheticSet.from_real(d.pool, per, torch.Generator().manual_seed(seed))
     syn = SyntheticSet.from_real(d.pool, 10, torch.Generator().manual_seed(seed))
     base, _, rec = name.partition("+")
     if base == "uncertain":  # each class's real images the teacher is least sure of (exploration)
@@ -149,8 +166,11 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(max(1, a.workers)) as pool:  # one worker: one model after another
         for seed in range(a.first_seed, a.first_seed + a.seeds):
             for name in a.sets:
-                syn = build_set(d, name, seed, teacher)
+                base, bal, _ = name.partition("_bal")
+                syn = build_set(d, base, seed, teacher)
                 x, y = syn.images.detach(), syn.labels
+                if bal:
+                    x, y = balance_by_repeat(x, y)
                 for labels in a.labels:
                     t = time.perf_counter()
                     def one(r, x=x, y=y, labels=labels, seed=seed):

@@ -85,3 +85,23 @@ def test_ablate_condense_workers_give_the_same_rows(tmp_path):
         rows[workers] = [{k: r[k] for k in ("set", "labels", "all", "many", "medium", "few")}
                          for r in csv.DictReader(out.open())]
     assert rows[1] == rows[2] and len(rows[1]) == 3, rows
+
+
+def test_ablate_condense_headroom_sets_are_real_and_balanced():
+    """The headroom sets: real40 holds min(40, n_c) real images of each class, pool every real image; _bal
+    repeats each class's rows to the largest class's count, every image of a class within one of the others."""
+    import torch
+
+    from benchmarks import ablate_condense
+
+    d = ablate_condense.Data("test")
+    real40 = ablate_condense.build_set(d, "real40", 0, None)
+    assert real40.counts == [min(40, n) for n in d.counts], real40.counts
+    pool = ablate_condense.build_set(d, "pool", 0, None)
+    assert pool.counts == list(d.counts)
+    x, y = ablate_condense.balance_by_repeat(real40.images.detach(), real40.labels)
+    assert torch.bincount(y).tolist() == [40] * d.k
+    for c in range(d.k):
+        own = real40.images.detach()[real40.labels == c]
+        hits = (x[y == c].flatten(1)[:, None] == own.flatten(1)[None]).all(-1).sum(0)  # uses of each image
+        assert int(hits.max() - hits.min()) <= 1 and int(hits.min()) >= 1, (c, hits)
