@@ -104,11 +104,11 @@ def balance_by_repeat(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     return x[idx], y[idx]
 
 
-def build_set(d: Data, name: str, seed: int, teacher) -> SyntheticSet:
+def build_set(d: Data, name: str, seed: int, teacher, ipc: int = 10) -> SyntheticSet:
     if name.startswith(("real", "pool")):  # headroom sets: real<N> per class, or the whole pool
         per = int(name[4:]) if name.startswith("real") else max(d.counts)
         return SyntheticSet.from_real(d.pool, per, torch.Generator().manual_seed(seed))
-    syn = SyntheticSet.from_real(d.pool, 10, torch.Generator().manual_seed(seed))
+    syn = SyntheticSet.from_real(d.pool, ipc, torch.Generator().manual_seed(seed))
     base, _, rec = name.partition("+")
     if base == "uncertain":  # each class's real images the teacher is least sure of (exploration)
         with torch.no_grad():
@@ -140,6 +140,7 @@ def main(argv=None) -> None:
     p.add_argument("--teacher", default="32:1500", help="W:S, a ConvNet-3 of width W trained S steps")
     p.add_argument("--sets", nargs="+", default=["random", "div"])
     p.add_argument("--labels", nargs="+", default=["hard", "kl2"])
+    p.add_argument("--ipc", type=int, default=10, help="images per class of the sets (not real<N> / pool)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
@@ -157,8 +158,8 @@ def main(argv=None) -> None:
     width, steps = (int(v) for v in a.teacher.split(":"))
     teacher = train_teacher(d, width, steps)
     common = {"command": "python benchmarks/ablate_condense.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "note": a.note, "split": a.split, "teacher": a.teacher, "repeats": a.repeats, "eval_steps": a.eval_steps,
-              "threads": a.threads}
+              "note": a.note, "split": a.split, "ipc": a.ipc, "teacher": a.teacher, "repeats": a.repeats,
+              "eval_steps": a.eval_steps, "threads": a.threads}
     t_acc = accuracy(d, teacher)
     rows = [{**common, "set": "teacher", "labels": "", "seed": "", **{k: round(t_acc[k], 2) for k in KEYS},
              "seconds": round(time.perf_counter() - t0, 1)}]
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
         for seed in range(a.first_seed, a.first_seed + a.seeds):
             for name in a.sets:
                 base, bal, _ = name.partition("_bal")
-                syn = build_set(d, base, seed, teacher)
+                syn = build_set(d, base, seed, teacher, a.ipc)
                 x, y = syn.images.detach(), syn.labels
                 if bal:
                     x, y = balance_by_repeat(x, y)
