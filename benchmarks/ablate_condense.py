@@ -134,13 +134,38 @@ def build_set(d: Data, name: str, seed: int, teacher, ipc: int = 10) -> Syntheti
     return syn
 
 
+def evaluate_sets(d: Data, a, teacher, pool: ThreadPoolExecutor, ipc: int, seed: int, common: dict) -> list[dict]:
+    """One row per (set, labels) of a.sets x a.labels at this IPC and seed (mean of a.repeats models)."""
+    rows = []
+    for name in a.sets:
+        base, bal, _ = name.partition("_bal")
+        syn = build_set(d, base, seed, teacher, ipc)
+        x, y = syn.images.detach(), syn.labels
+        if bal:
+            x, y = balance_by_repeat(x, y)
+        for labels in a.labels:
+            t = time.perf_counter()
+
+            def one(r, x=x, y=y, labels=labels):
+                return evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps)
+
+            runs = list(pool.map(one, range(a.repeats)))
+            m = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in KEYS}
+            rows.append({**common, "set": name, "labels": labels, "seed": seed, **m,
+                         "seconds": round(time.perf_counter() - t, 1)})
+            scores = "  ".join(f"{k} {m[k]:.2f}" for k in KEYS)
+            print(f"ipc {ipc}  seed {seed}  {name:12s} {labels:5s} {scores}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--teacher", default="32:1500", help="W:S, a ConvNet-3 of width W trained S steps")
     p.add_argument("--sets", nargs="+", default=["random", "div"])
     p.add_argument("--labels", nargs="+", default=["hard", "kl2"])
-    p.add_argument("--ipc", type=int, default=10, help="images per class of the sets (not real<N> / pool)")
+    p.add_argument("--ipc", type=int, nargs="+", default=[10],
+                   help="images per class of the sets (not real<N> / pool), each in turn with the same teacher")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
@@ -158,31 +183,16 @@ def main(argv=None) -> None:
     width, steps = (int(v) for v in a.teacher.split(":"))
     teacher = train_teacher(d, width, steps)
     common = {"command": "python benchmarks/ablate_condense.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "note": a.note, "split": a.split, "ipc": a.ipc, "teacher": a.teacher, "repeats": a.repeats,
+              "note": a.note, "split": a.split, "teacher": a.teacher, "repeats": a.repeats,
               "eval_steps": a.eval_steps, "threads": a.threads}
     t_acc = accuracy(d, teacher)
     rows = [{**common, "set": "teacher", "labels": "", "seed": "", **{k: round(t_acc[k], 2) for k in KEYS},
              "seconds": round(time.perf_counter() - t0, 1)}]
     print(f"teacher {a.teacher}: " + "  ".join(f"{k} {t_acc[k]:.2f}" for k in KEYS), flush=True)
     with ThreadPoolExecutor(max(1, a.workers)) as pool:  # one worker: one model after another
-        for seed in range(a.first_seed, a.first_seed + a.seeds):
-            for name in a.sets:
-                base, bal, _ = name.partition("_bal")
-                syn = build_set(d, base, seed, teacher, a.ipc)
-                x, y = syn.images.detach(), syn.labels
-                if bal:
-                    x, y = balance_by_repeat(x, y)
-                for labels in a.labels:
-                    t = time.perf_counter()
-                    def one(r, x=x, y=y, labels=labels, seed=seed):
-                        return evaluate(d, x, y, labels, seed * 10 + r, teacher, a.eval_steps)
-
-                    runs = list(pool.map(one, range(a.repeats)))
-                    m = {k: round(float(np.mean([r[k] for r in runs])), 2) for k in KEYS}
-                    rows.append({**common, "set": name, "labels": labels, "seed": seed, **m,
-                                 "seconds": round(time.perf_counter() - t, 1)})
-                    scores = "  ".join(f"{k} {m[k]:.2f}" for k in KEYS)
-                    print(f"seed {seed}  {name:12s} {labels:5s} {scores}", flush=True)
+        for ipc in a.ipc:
+            for seed in range(a.first_seed, a.first_seed + a.seeds):
+                rows += evaluate_sets(d, a, teacher, pool, ipc, seed, {**common, "ipc": ipc})
     append_rows(a.csv, rows)
     print(f"rows appended to {a.csv}")
 
