@@ -105,3 +105,15 @@ def test_ablate_condense_headroom_sets_are_real_and_balanced():
         own = real40.images.detach()[real40.labels == c]
         hits = (x[y == c].flatten(1)[:, None] == own.flatten(1)[None]).all(-1).sum(0)  # uses of each image
         assert int(hits.max() - hits.min()) <= 1 and int(hits.min()) >= 1, (c, hits)
+
+
+def test_ablate_condense_dm_set_moves_the_random_subset():
+    """The dm set starts from the random set of the same seed (same labels) and DM moves every image."""
+    from benchmarks import ablate_condense
+
+    d = ablate_condense.Data("test")
+    start = ablate_condense.build_set(d, "random", 0, None, ipc=1)
+    dm = ablate_condense.build_set(d, "dm", 0, None, ipc=1)
+    assert dm.labels.tolist() == start.labels.tolist() == list(range(d.k))
+    moved = (dm.images.detach() - start.images.detach()).flatten(1).abs().amax(1)
+    assert (moved > 1e-3).all(), moved
