@@ -8,7 +8,7 @@ models (ConvNet-3 width 32, 300 SGD steps, the condense evaluation), per seed.
         --sets random div div+rec crops_div teacher_div
     .venv/bin/python benchmarks/ablate_condense.py --seeds 3 --labels kl2 --sets random random_bal real40_bal pool_bal
 
-Sets: random (a random real subset); dm (the cpu preset's DM from that subset); conf_crops (the paper-style initialisation: confident and diverse
+Sets: random (a random real subset); dm (the cpu preset's DM from that subset, 100 iterations; dm<N>: N); conf_crops (the paper-style initialisation: confident and diverse
 crops, 8 candidates per image, the most confident half); conf_real (real images only, the confident half);
 div (real images picked for diversity alone in the observer's features); teacher_div (the same in the
 teacher's features, no observer); crops_div (crops picked for diversity alone); uncertain (each class's real
@@ -119,8 +119,9 @@ def build_set(d: Data, name: str, seed: int, teacher, ipc: int = 10) -> Syntheti
                 conf = teacher(real).softmax(1)[:, c]
                 syn.images.data[slots] = real[conf.argsort()[:len(slots)]]
         return syn
-    if base == "dm":  # the cpu preset's DM (presets.CPU), from this random real subset
-        distill_dm(d.pool, syn, DMConfig(iterations=100, batch_real=32, lr_img=1.0, width=32), DSA(DSA_CFG, seed), seed)
+    if base.startswith("dm"):  # the cpu preset's DM (presets.CPU), from this random real subset; dm<N>: N iterations
+        dm = DMConfig(iterations=int(base[2:] or 100), batch_real=32, lr_img=1.0, width=32)
+        distill_dm(d.pool, syn, dm, DSA(DSA_CFG, seed), seed)
         return syn
     if base == "random":
         if rec:
