@@ -7,18 +7,20 @@ models (ConvNet-3 width 32, 300 SGD steps, the condense evaluation), per seed.
     .venv/bin/python benchmarks/ablate_condense.py --teacher 32:1500 --seeds 3 --labels kl2 \\
         --sets random div div+rec crops_div teacher_div
     .venv/bin/python benchmarks/ablate_condense.py --seeds 3 --labels kl2 --sets random random_bal real40_bal pool_bal
+    .venv/bin/python benchmarks/ablate_condense.py --seeds 5 --labels kl2 --ipc 1 2 5 10 --sets random teacher_div dm
 
-Sets: random (a random real subset); dm (the cpu preset's DM from that subset, 100 iterations; dm<N>: N); conf_crops (the paper-style initialisation: confident and diverse
-crops, 8 candidates per image, the most confident half); conf_real (real images only, the confident half);
-div (real images picked for diversity alone in the observer's features); teacher_div (the same in the
-teacher's features, no observer); crops_div (crops picked for diversity alone); uncertain (each class's real
-images the teacher is least sure of); suffix +rec: then 100 recovery iterations at lr_img 0.01 (+rec05: at
-0.05). The headroom of the images (what any 10 images per class could add at most): real<N> (a random real
-subset of N per class, tail rule as usual) and pool (every real image); suffix _bal evaluates a set
-class-balanced (each class's images repeated to the largest class's count, so that the epochs draw the
-classes equally; random_bal is the control at 10 per class). Labels: hard, or kl<tau> (relabeled by the
-teacher at temperature tau). Teacher W:S: a ConvNet-3 of width W (linear head) trained S steps with balanced
-softmax under DSA (the experiments; `--relabel auto` trains the same network with a cosine classifier).
+Sets: random (a random real subset); dm (the cpu preset's DM from that subset, 100 iterations; dm<N>: N);
+conf_crops (the paper-style initialisation: confident and diverse crops, 8 candidates per image, the most
+confident half); conf_real (real images only, the confident half); div (real images picked for diversity alone
+in the observer's features); teacher_div (the same in the teacher's features, no observer); crops_div (crops
+picked for diversity alone); uncertain (each class's real images the teacher is least sure of); suffix +rec:
+then 100 recovery iterations at lr_img 0.01 (+rec05: at 0.05). The headroom of the images (what any 10 images
+per class could add at most): real<N> (a random real subset of N per class, tail rule as usual) and pool
+(every real image); suffix _bal evaluates a set class-balanced (each class's images repeated to the largest
+class's count, so that the epochs draw the classes equally; random_bal is the control at 10 per class).
+Labels: hard, or kl<tau> (relabeled by the teacher at temperature tau). Teacher W:S: a ConvNet-3 of width W
+(linear head) trained S steps with balanced softmax under DSA (the experiments; `--relabel auto` trains the
+same network with a cosine classifier).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from fastcbd.condense.dm import DMConfig, distill_dm
 from fastcbd.condense.dsa import DSA, DSAConfig
 from fastcbd.condense.evaluate import EvalConfig, sgd_steps, train_classifier
 from fastcbd.condense.pool import RealPool, channel_stats, to_tensor
+from fastcbd.condense.presets import CPU
 from fastcbd.condense.relabel import SoftLabeler
 from fastcbd.condense.rldd import RLDDConfig, distill_rldd, select_init
 from fastcbd.condense.synthetic import SyntheticSet
@@ -119,8 +122,9 @@ def build_set(d: Data, name: str, seed: int, teacher, ipc: int = 10) -> Syntheti
                 conf = teacher(real).softmax(1)[:, c]
                 syn.images.data[slots] = real[conf.argsort()[:len(slots)]]
         return syn
-    if base.startswith("dm"):  # the cpu preset's DM (presets.CPU), from this random real subset; dm<N>: N iterations
-        dm = DMConfig(iterations=int(base[2:] or 100), batch_real=32, lr_img=1.0, width=32)
+    if base.startswith("dm"):  # the cpu preset's DM from this random real subset; dm<N>: N iterations
+        dm = DMConfig(**{**CPU["dm"], "width": CPU["width"]})
+        dm.iterations = int(base[2:] or dm.iterations)
         distill_dm(d.pool, syn, dm, DSA(DSA_CFG, seed), seed)
         return syn
     if base == "random":
